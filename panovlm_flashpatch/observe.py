@@ -1,0 +1,97 @@
+"""What a loaded model actually runs, per component: its attention modules, not what a config says.
+
+On transformers 4.46-4.53 sub-models hold deep copies of their configs, so the top-level
+``config.text_config`` can say ``eager`` while the tower runs SDPA; on 4.46-4.47 the backend is the
+attention module's class (``Qwen2SdpaAttention``). So: find the attention modules, take the backend
+from their class where the class names one, else from the config they actually read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from .compat import config_base_class
+
+_LEGACY_NAMES = (("FlashAttention2", "flash_attention_2"), ("Sdpa", "sdpa"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    model_class: str
+    backend: str
+    dtype: str | None
+
+
+def _class_backend(module) -> str | None:
+    """Backend named by a 4.46-style attention class, or None when the class does not tell."""
+    name = type(module).__name__
+    for marker, backend in _LEGACY_NAMES:
+        if marker in name:
+            return backend
+    # An eager class of a family that still has Sdpa/FlashAttention2 siblings (4.46-4.47).
+    source = sys.modules.get(type(module).__module__)
+    if source is not None and name.endswith("Attention"):
+        stem = name[: -len("Attention")]
+        if hasattr(source, f"{stem}SdpaAttention") or hasattr(source, f"{stem}FlashAttention2"):
+            return "eager"
+    return None
+
+
+def _is_attention_module(module) -> bool:
+    name = type(module).__name__
+    return "Attention" in name and "Pooling" not in name and "Output" not in name
+
+
+def _key_for(cfg, root, keys) -> str | None:
+    if cfg is root:
+        return ""
+    for key in keys:
+        if getattr(root, key, None) is cfg:  # >= 4.54: sub-models share the sub-config object
+            return key
+    same_type = [k for k in keys if type(getattr(root, k, None)) is type(cfg)]  # <= 4.53: deep copies
+    return same_type[0] if len(same_type) == 1 else None
+
+
+def _dtype(module) -> str | None:
+    for param in module.parameters():
+        if param.is_floating_point():
+            return str(param.dtype).replace("torch.", "")
+    return None
+
+
+def observe(model, keys: tuple[str, ...]) -> dict[str, Observed]:
+    """Maps each component key (``""`` for a plain model) to what its modules run."""
+    base = config_base_class()
+    root = model.config
+    owners: dict[str, object] = {}
+    certain: dict[str, set[str]] = {}
+    from_config: dict[str, set[str]] = {}
+    wanted = set(keys) if keys else {""}
+    for _, module in model.named_modules():
+        cfg = getattr(module, "config", None)
+        if not isinstance(cfg, base):
+            continue
+        key = _key_for(cfg, root, keys) if keys else ""
+        if key is None:
+            continue
+        if keys and key == "":
+            continue  # the composite's own top level: reported through its components
+        if key not in owners and hasattr(module, "parameters"):
+            owners[key] = module
+        if _is_attention_module(module):
+            legacy = _class_backend(module)
+            if legacy:
+                certain.setdefault(key, set()).add(legacy)
+            else:
+                from_config.setdefault(key, set()).add(str(cfg._attn_implementation))
+    result = {}
+    for key in sorted(wanted):
+        found = certain.get(key) or from_config.get(key)
+        if not found:
+            cfg = root if key == "" else getattr(root, key, None)
+            found = {str(getattr(cfg, "_attn_implementation", "unknown"))}
+        backend = found.pop() if len(found) == 1 else "mixed(" + ",".join(sorted(found)) + ")"
+        owner = owners.get(key, model)
+        result[key] = Observed(model_class=type(owner).__name__, backend=backend, dtype=_dtype(owner))
+    return result

@@ -1,0 +1,147 @@
+"""Reads one ``from_pretrained`` call into the decision's inputs: request, placement, components.
+
+Nothing here changes the call: the config is read (from the kwargs, else from the checkpoint's
+local config.json, never downloaded) and the caller's objects are left as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from . import probe as probe_module
+from .compat import TransformersFacts, config_base_class, requested_attn
+from .components import Component, components_of
+from .decide import Decision, Placement, Request, decide
+from .load import caller_dtype
+from .settings import Settings
+
+_OFFLOAD_TARGETS = ("cpu", "disk", "meta")
+_SPREAD_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+class CannotPlan(Exception):
+    """The call cannot be read well enough to change it; it passes through untouched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    checkpoint: str
+    model_class: str
+    components: tuple[Component, ...]
+    decision: Decision
+    caller_attn: object
+
+
+def checkpoint_of(args, kwargs) -> str:
+    value = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    return str(value) if value is not None else "<none>"
+
+
+def _config_for(cls, args, kwargs):
+    base = config_base_class()
+    config = kwargs.get("config")
+    if isinstance(config, base):
+        return config
+    source = config if isinstance(config, (str, os.PathLike)) else (args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+    config_class = getattr(cls, "config_class", None)
+    if source is None or config_class is None:
+        raise CannotPlan(f"{cls.__name__} has no config to read (no config_class or no checkpoint path)")
+    download_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token") if k in kwargs}
+    try:
+        # local_files_only: the plugin never downloads; transformers fetches what it needs itself.
+        return config_class.from_pretrained(source, local_files_only=True, **download_kwargs)
+    except Exception as exc:
+        raise CannotPlan(f"could not read the config locally ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _dtype_name(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return "per-component"
+    return str(value).replace("torch.", "")
+
+
+def _request(config, kwargs, keys, facts: TransformersFacts) -> tuple[Request, object]:
+    kwarg = kwargs.get("attn_implementation")
+    root = kwarg if kwarg is not None else requested_attn(config)
+
+    def pick(value, key):
+        return value.get(key) if isinstance(value, dict) else value
+
+    if keys:
+        attn = {}
+        for key in keys:
+            value = pick(kwarg, key) if kwarg is not None else None
+            if value is None and kwarg is None:
+                value = requested_attn(getattr(config, key)) or pick(root, key)
+            attn[key] = value
+        root_attn = pick(root, "") if isinstance(root, dict) else root
+    else:
+        attn = {"": pick(root, "")}
+        root_attn = None
+    checkpoint_dtype = vars(config).get("dtype", None) or vars(config).get("torch_dtype", None)
+    request = Request(
+        attn=attn,
+        root_attn=root_attn,
+        dtype=_dtype_name(caller_dtype(kwargs)),
+        checkpoint_dtype=_dtype_name(checkpoint_dtype),
+    )
+    return request, root
+
+
+def placement_of(kwargs) -> Placement:
+    """Where ``device_map`` puts the weights. Without one: LOCAL_RANK's GPU, else the current one."""
+    device_map = kwargs.get("device_map")
+    targets = []
+    if device_map is None:
+        rank = os.environ.get("LOCAL_RANK", "").strip()
+        return Placement(devices=(int(rank),) if rank.isdigit() else None)
+    if isinstance(device_map, dict):
+        targets = list(device_map.values())
+    else:
+        targets = [device_map]
+    devices, offload = [], []
+    for target in targets:
+        text = str(target)
+        kind = getattr(target, "type", None) or text.split(":")[0]
+        if isinstance(target, int) and not isinstance(target, bool):
+            devices.append(target)
+        elif kind in _OFFLOAD_TARGETS:
+            offload.append(kind)
+        elif kind == "cuda":
+            index = getattr(target, "index", None)
+            if index is None and ":" in text:
+                index = int(text.split(":")[1])
+            if index is not None:
+                devices.append(int(index))
+        elif text in _SPREAD_MAPS:
+            continue  # accelerate spreads over the visible GPUs; the probe checks the current one
+    if offload:
+        where = "/".join(sorted(set(offload)))
+        return Placement(offload=f"needs every module on a CUDA GPU, found device_map placing modules on {where}")
+    return Placement(devices=tuple(sorted(set(devices))) or None)
+
+
+def plan_call(cls, args, kwargs, settings: Settings, facts: TransformersFacts) -> Plan:
+    """Reads the call and decides. Raises :class:`CannotPlan` when the call cannot be read."""
+    if kwargs.get("use_flash_attention_2"):
+        raise CannotPlan("the caller passed use_flash_attention_2; left alone")
+    config = _config_for(cls, args, kwargs)
+    components = components_of(cls, config, facts, output_attentions_kwarg=bool(kwargs.get("output_attentions")))
+    keys = tuple(c.key for c in components if c.key)
+    request, caller_attn = _request(config, kwargs, keys, facts)
+    placement = placement_of(kwargs)
+    # Looked up through the module on every call: the one seam tests replace.
+    caps = probe_module.probe(placement.devices)
+    decision = decide(request, caps, components, placement, settings, facts)
+    return Plan(
+        checkpoint=checkpoint_of(args, kwargs),
+        model_class=cls.__name__,
+        components=components,
+        decision=decision,
+        caller_attn=caller_attn,
+    )

@@ -1,0 +1,99 @@
+"""Environment variables of the plugin: their names, their accepted values, and how they are read.
+
+Every variable is read at call time (not cached), so a process can flip them between loads. An
+unknown value is never silently ignored: it is reported once, with the accepted values, and the
+plugin then takes the conservative reading given in the table below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+
+# Names (documented in README.md, "Environment variables").
+DISABLE_FLASH_ATTN = "DISABLE_FLASH_ATTN"
+KEEP_SDPA = "PANOVLM_FLASHPATCH_KEEP_SDPA"
+AUTO = "PANOVLM_FLASHPATCH_AUTO"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+# What an unknown value means, chosen so that a typo never makes a run riskier than plain
+# transformers: a garbled DISABLE_FLASH_ATTN disables the plugin (the user was reaching for the
+# off switch), a garbled KEEP_SDPA keeps the caller's "sdpa", a garbled AUTO turns automatic
+# activation off.
+_ON_UNKNOWN = {DISABLE_FLASH_ATTN: True, KEEP_SDPA: True, AUTO: False}
+_DEFAULT = {DISABLE_FLASH_ATTN: False, KEEP_SDPA: False, AUTO: True}
+
+_log = logging.getLogger("panovlm_flashpatch")
+_reported: set[tuple[str, str]] = set()
+_reported_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The plugin's settings as read from the environment at one moment.
+
+    Attributes:
+        disabled: ``DISABLE_FLASH_ATTN`` is set: every load passes through untouched.
+        keep_explicit_sdpa: ``PANOVLM_FLASHPATCH_KEEP_SDPA`` is set: a caller's explicit
+            ``attn_implementation="sdpa"`` is kept; only an unset request is upgraded.
+        auto: ``PANOVLM_FLASHPATCH_AUTO`` is not turned off: the start-up hook may apply the patch.
+        problems: one message per variable whose value was not understood.
+    """
+
+    disabled: bool = False
+    keep_explicit_sdpa: bool = False
+    auto: bool = True
+    problems: tuple[str, ...] = ()
+
+
+def parse_flag(name: str, environ=None) -> tuple[bool, str | None]:
+    """Reads one boolean variable.
+
+    Returns:
+        ``(value, problem)``: ``problem`` is None when the value was understood, else a message that
+        names the variable, the value, the accepted values and what the plugin does instead.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(name)
+    if raw is None:
+        return _DEFAULT[name], None
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True, None
+    if value in _FALSE:
+        return False, None
+    fallback = _ON_UNKNOWN[name]
+    problem = (
+        f"{name}={raw!r} is not understood; accepted values are 1/true/yes/on or 0/false/no/off "
+        f"(empty means unset). Treating it as {'set' if fallback else 'unset'}."
+    )
+    return fallback, problem
+
+
+def read(environ=None) -> Settings:
+    """Reads every variable; reports each misunderstood value once per process (as a warning)."""
+    disabled, p1 = parse_flag(DISABLE_FLASH_ATTN, environ)
+    keep, p2 = parse_flag(KEEP_SDPA, environ)
+    auto, p3 = parse_flag(AUTO, environ)
+    problems = tuple(p for p in (p1, p2, p3) if p)
+    for problem in problems:
+        _report_once(problem)
+    return Settings(disabled=disabled, keep_explicit_sdpa=keep, auto=auto, problems=problems)
+
+
+def _report_once(problem: str) -> None:
+    key = ("problem", problem)
+    with _reported_lock:
+        if key in _reported:
+            return
+        _reported.add(key)
+    _log.warning(problem)
+
+
+def known_variables() -> dict[str, str | None]:
+    """The raw values of our variables as set in this process (None when unset), for the doctor."""
+    return {name: os.environ.get(name) for name in (DISABLE_FLASH_ATTN, KEEP_SDPA, AUTO)}

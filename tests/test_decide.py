@@ -1,0 +1,130 @@
+"""The decision as a table: request x capabilities x component -> backend, dtype, reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from panovlm_flashpatch.compat import facts_for
+from panovlm_flashpatch.components import Component
+from panovlm_flashpatch.decide import FA2, Placement, Request, decide
+from panovlm_flashpatch.settings import Settings
+
+from conftest import FAKE_GPU, caps
+
+NEW = facts_for("5.23.0")
+LM = Component(key="", role="language model", model_class="Qwen3ForCausalLM", supports_fa2=True, head_dim=128, output_attentions=False)
+
+
+def run(request=None, capabilities=None, components=(LM,), placement=Placement(), settings=Settings(), facts=NEW, **req):
+    request = request or Request(attn={c.key: req.get("attn") for c in components}, dtype=req.get("dtype"), checkpoint_dtype=req.get("checkpoint_dtype"))
+    return decide(request, capabilities or caps(), components, placement, settings, facts)
+
+
+@pytest.mark.parametrize("requested", [None, "sdpa"])
+def test_unset_and_sdpa_are_upgraded(requested):
+    d = run(attn=requested)
+    (c,) = d.choices
+    assert (c.backend, c.upgraded) == (FA2, True)
+    assert d.attn_argument() == FA2
+    assert d.inject_dtype == "bfloat16" and "no dtype given" in d.dtype_note
+    assert "Fake H100 (sm_90)" in c.reason
+
+
+@pytest.mark.parametrize("requested", ["eager", "flex_attention", "flash_attention_3", "kernels-community/flash-attn2", "flash_attn2"])
+def test_explicit_choices_are_left_alone(requested):
+    d = run(attn=requested)
+    (c,) = d.choices
+    assert (c.backend, c.upgraded) == (requested, False)
+    assert not d.changed and d.inject_dtype is None
+    assert repr(requested) in c.reason
+
+
+def test_keep_explicit_sdpa_setting():
+    assert not run(attn="sdpa", settings=Settings(keep_explicit_sdpa=True)).changed
+    assert run(attn=None, settings=Settings(keep_explicit_sdpa=True)).changed
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (dict(flash_attn_version=None, flash_attn_error="flash-attn is not installed"), "flash-attn is not installed"),
+        (dict(flash_attn_error="flash-attn 2.8.3 is installed but its CUDA extension fails to import: ImportError: undefined symbol: _ZN3c10"), "undefined symbol"),
+        (dict(flash_attn_version="2.1.0"), "needs flash-attn >= 2.3.3, found 2.1.0"),
+        (dict(cuda_available=False, devices=()), "needs a CUDA GPU, found none"),
+        (dict(devices=(FAKE_GPU.__class__(0, "Tesla T4", (7, 5), False),)), "needs compute capability >= 8.0, found 7.5 on cuda:0 (Tesla T4)"),
+        (dict(flash_attn_version=None, flash_attn_error="flash-attn is not installed", kernels_version="0.12.3"), "flash-attn is not installed"),
+    ],
+)
+def test_environment_blockers_have_reasons_with_values(overrides, expected):
+    d = run(capabilities=caps(**overrides))
+    (c,) = d.choices
+    assert not c.upgraded and c.backend is None
+    assert expected in c.reason and expected in c.rejected[FA2]
+    assert d.inject_dtype is None
+
+
+@pytest.mark.parametrize(
+    "component, expected",
+    [
+        (Component("", "vision encoder", "Siglip2VisionModel", False, 64, False), "Siglip2VisionModel does not support FlashAttention-2"),
+        (Component("", "language model", "BigHead", True, 288, False), "needs head_dim <= 256, found 288"),
+        (Component("", "language model", "Qwen3ForCausalLM", True, 128, True), "output_attentions"),
+    ],
+)
+def test_component_blockers(component, expected):
+    (c,) = run(components=(component,)).choices
+    assert not c.upgraded and expected in c.reason
+
+
+def test_offload_keeps_sdpa():
+    placement = Placement(offload="needs every module on a CUDA GPU, found device_map placing modules on cpu")
+    (c,) = run(placement=placement).choices
+    assert not c.upgraded and "placing modules on cpu" in c.reason
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_explicit_half_dtype_kept(dtype):
+    d = run(dtype=dtype)
+    assert d.changed and d.inject_dtype is None and f"dtype {dtype} kept" in d.dtype_note
+
+
+def test_explicit_float32_keeps_fa2_only_where_transformers_autocasts():
+    new = run(dtype="float32", facts=facts_for("4.48.0"))
+    assert new.changed and new.inject_dtype is None and "autocast" in new.dtype_note
+    old = run(dtype="float32", facts=facts_for("4.47.1"))
+    assert not old.changed and "needs transformers >= 4.48" in old.choices[0].reason
+
+
+def test_dtype_auto_follows_the_checkpoint():
+    assert run(dtype="auto", checkpoint_dtype="bfloat16", facts=facts_for("4.47.0")).changed
+    assert not run(dtype="auto", checkpoint_dtype="float32", facts=facts_for("4.47.0")).changed
+
+
+def test_composite_gets_a_dict_with_only_what_is_set():
+    text = Component("text_config", "language model", "Qwen3Model", True, 16, False)
+    vision = Component("vision_config", "vision encoder", "Siglip2VisionModel", False, 8, False)
+    request = Request(attn={"text_config": "sdpa", "vision_config": "sdpa"}, root_attn="sdpa")
+    d = decide(request, caps(), (text, vision), Placement(), Settings(), NEW)
+    assert d.attn_argument() == {"text_config": FA2, "vision_config": "sdpa", "": "sdpa"}
+    unset = decide(Request(attn={"text_config": None, "vision_config": None}), caps(), (text, vision), Placement(), Settings(), NEW)
+    assert unset.attn_argument() == {"text_config": FA2}
+
+
+def test_giving_back_the_last_fa2_component_drops_the_bf16_injection():
+    text = Component("text_config", "language model", "Qwen3Model", True, 16, False)
+    vision = Component("vision_config", "vision encoder", "SiglipVisionModel", True, 8, False)
+    d = decide(Request(attn={"text_config": None, "vision_config": None}), caps(), (text, vision), Placement(), Settings(), NEW)
+    half = d.without_fa2({"vision_config"}, "refused")
+    assert half.changed and half.inject_dtype == "bfloat16"
+    assert half.attn_argument() == {"text_config": FA2}
+    none = half.without_fa2({"text_config"}, "refused")
+    assert not none.changed and none.inject_dtype is None
+    assert none.choices[0].rejected[FA2] == "refused"
+
+
+def test_version_facts():
+    assert facts_for("4.46.3").dtype_kwarg == "torch_dtype" and facts_for("4.56.0").dtype_kwarg == "dtype"
+    assert facts_for("4.53.3").fa2_flags == ("_supports_flash_attn_2",)
+    assert set(facts_for("5.0.0").fa2_flags) == {"_supports_flash_attn", "_supports_flash_attn_2"}
+    assert facts_for("5.23.0").fa2_flags == ("_supports_flash_attn",)
+    assert not facts_for("4.45.2").supported and facts_for("4.46.0").supported and not facts_for("6.0.0").supported
