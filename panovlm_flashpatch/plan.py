@@ -93,37 +93,45 @@ def _request(config, kwargs, keys, facts: TransformersFacts) -> tuple[Request, o
     return request, root
 
 
+def _target(value) -> tuple[str, int | None]:
+    """One device_map value -> (kind, index): ``0`` -> (cuda, 0), ``"cuda:1"`` / ``torch.device``
+    -> (cuda, 1), ``"cuda"`` -> (cuda, None), ``"cpu"`` -> (cpu, None), ``"auto"`` -> (auto, None)."""
+    if isinstance(value, bool):
+        return str(value), None
+    if isinstance(value, int):
+        return "cuda", value
+    kind = getattr(value, "type", None)
+    if isinstance(kind, str):  # a torch.device (a str has no .type)
+        index = getattr(value, "index", None)
+        return kind, index if isinstance(index, int) else None
+    text = str(value).strip()
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return "cuda", int(text[5:])
+    if text.isdigit():
+        return "cuda", int(text)
+    return text, None
+
+
 def placement_of(kwargs) -> Placement:
     """Where ``device_map`` puts the weights. Without one: LOCAL_RANK's GPU, else the current one."""
     device_map = kwargs.get("device_map")
-    targets = []
     if device_map is None:
         rank = os.environ.get("LOCAL_RANK", "").strip()
         return Placement(devices=(int(rank),) if rank.isdigit() else None)
-    if isinstance(device_map, dict):
-        targets = list(device_map.values())
-    else:
-        targets = [device_map]
-    devices, offload = [], []
-    for target in targets:
-        text = str(target)
-        kind = getattr(target, "type", None) or text.split(":")[0]
-        if isinstance(target, int) and not isinstance(target, bool):
-            devices.append(target)
-        elif kind in _OFFLOAD_TARGETS:
-            offload.append(kind)
-        elif kind == "cuda":
-            index = getattr(target, "index", None)
-            if index is None and ":" in text:
-                index = int(text.split(":")[1])
-            if index is not None:
-                devices.append(int(index))
-        elif text in _SPREAD_MAPS:
-            continue  # accelerate spreads over the visible GPUs; the probe checks the current one
+    values = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    devices, offload = set(), set()
+    for value in values:
+        kind, index = _target(value)
+        if kind in _OFFLOAD_TARGETS:
+            offload.add(kind)
+        elif kind == "cuda" and index is not None:
+            devices.add(index)
+        # "cuda" alone: the current device; "auto" & co.: accelerate spreads over the visible GPUs
+        # and the probe checks the current one.
     if offload:
-        where = "/".join(sorted(set(offload)))
+        where = "/".join(sorted(offload))
         return Placement(offload=f"needs every module on a CUDA GPU, found device_map placing modules on {where}")
-    return Placement(devices=tuple(sorted(set(devices))) or None)
+    return Placement(devices=tuple(sorted(devices)) or None)
 
 
 def plan_call(cls, args, kwargs, settings: Settings, facts: TransformersFacts) -> Plan:

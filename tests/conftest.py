@@ -65,10 +65,14 @@ def _clean_state(monkeypatch):
     panovlm_flashpatch.remove()
     panovlm_flashpatch.clear_report()
     default_dtype = torch.get_default_dtype()
+    from panovlm_flashpatch import patch as patch_module
+
+    patch_module.internal_errors.clear()
     yield
     panovlm_flashpatch.remove()
     panovlm_flashpatch.clear_report()
     assert torch.get_default_dtype() == default_dtype, "a load leaked torch's default dtype"
+    assert patch_module.internal_errors == [], "the plugin's safety net absorbed its own error"
 
 
 @pytest.fixture

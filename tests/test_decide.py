@@ -128,3 +128,36 @@ def test_version_facts():
     assert set(facts_for("5.0.0").fa2_flags) == {"_supports_flash_attn", "_supports_flash_attn_2"}
     assert facts_for("5.23.0").fa2_flags == ("_supports_flash_attn",)
     assert not facts_for("4.45.2").supported and facts_for("4.46.0").supported and not facts_for("6.0.0").supported
+
+
+@pytest.mark.parametrize(
+    "device_map, local_rank, devices, offload",
+    [
+        (None, None, None, None),
+        (None, "3", (3,), None),
+        ("cuda", None, None, None),
+        ("cuda:1", None, (1,), None),
+        (2, None, (2,), None),
+        ("auto", None, None, None),
+        ({"": 0}, None, (0,), None),
+        ({"model.layers.0": 0, "model.layers.1": "cuda:1", "lm_head": 1}, None, (0, 1), None),
+        ("cpu", None, None, "cpu"),
+        ({"model": 0, "lm_head": "cpu"}, None, None, "cpu"),
+        ({"model": 0, "lm_head": "disk"}, None, None, "disk"),
+    ],
+)
+def test_placement_from_device_map(monkeypatch, device_map, local_rank, devices, offload):
+    import torch
+
+    from panovlm_flashpatch.plan import placement_of
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    kwargs = {} if device_map is None else {"device_map": device_map}
+    p = placement_of(kwargs)
+    assert p.devices == devices
+    assert (offload in p.offload) if offload else p.offload is None
+    if isinstance(device_map, str) and device_map.startswith("cuda"):
+        assert placement_of({"device_map": torch.device(device_map)}).devices == devices
