@@ -118,6 +118,24 @@ def remove() -> bool:
         return True
 
 
+def auto_apply() -> bool:
+    """What the start-up hook does once transformers' modeling module is imported.
+
+    The same path as :func:`apply` (one code path for both, as OpenTelemetry's auto-instrumentation
+    does), gated by the settings: ``DISABLE_FLASH_ATTN`` means no patch at all, and
+    ``PANOVLM_FLASHPATCH_AUTO=0`` leaves activation to an explicit ``apply()``.
+    """
+    current = settings_module.read()  # also reports values it does not understand
+    if current.disabled:
+        report_module.log_once(
+            "auto-disabled", logging.INFO, "DISABLE_FLASH_ATTN is set: automatic activation did not patch transformers."
+        )
+        return False
+    if not current.auto:
+        return False
+    return apply()
+
+
 def _settings():
     current = settings_module.read()
     if _State.keep_explicit_sdpa is not None:

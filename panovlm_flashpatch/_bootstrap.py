@@ -1,0 +1,125 @@
+"""Start-up hook, run by the ``panovlm_flashpatch.pth`` line in site-packages at every interpreter start.
+
+It must cost (almost) nothing, because it runs in every Python process of the environment: it
+imports only ``os`` and ``sys`` (already loaded at start-up), never torch, transformers, wrapt
+(wrapt alone costs 35-90 ms) or our probe. It puts a one-shot finder on ``sys.meta_path`` that
+waits for ``transformers.modeling_utils``; once that module has executed, the finder removes
+itself and calls :func:`panovlm_flashpatch.patch.auto_apply`, which reads the settings (and
+reports bad values), then patches. Nothing here may raise: an exception in an import hook would
+break the user's ``import transformers``; ours is caught and reported once as a warning.
+
+Off switches, read here at start-up: ``DISABLE_FLASH_ATTN=1`` or ``PANOVLM_FLASHPATCH_AUTO=0``
+register nothing at all. Any other value (including one we do not understand) registers the
+finder, and the settings module reports the bad value once transformers is imported.
+"""
+
+import os
+import sys
+
+TARGET = "transformers.modeling_utils"
+
+
+def _switched_off() -> bool:
+    disable = os.environ.get("DISABLE_FLASH_ATTN", "").strip().lower()
+    auto = os.environ.get("PANOVLM_FLASHPATCH_AUTO", "").strip().lower()
+    return disable in ("1", "true", "yes", "on") or auto in ("0", "false", "no", "off")
+
+
+def on_transformers_import(module=None) -> None:
+    """Applies the patch once ``transformers.modeling_utils`` is loaded. Never raises.
+
+    Also the target of the ``panovlm_flashpatch`` entry-point group, for tools that discover
+    post-import hooks the standard way (``wrapt.discover_post_import_hooks``).
+    """
+    try:
+        from panovlm_flashpatch.patch import auto_apply
+
+        auto_apply()
+    except Exception as exc:  # never break the user's import of transformers
+        _warn_once(exc)
+
+
+_warned = []
+
+
+def _warn_once(exc: BaseException) -> None:
+    if _warned:
+        return
+    _warned.append(exc)
+    try:
+        import warnings
+
+        warnings.warn(
+            f"panovlm_flashpatch: automatic activation failed ({type(exc).__name__}: {exc}); "
+            "transformers runs unpatched. Call panovlm_flashpatch.apply() to see the error.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    except Exception:
+        pass
+
+
+class _TransformersFinder:
+    """A one-shot meta-path finder: it finds nothing itself, but when the other finders find
+    ``transformers.modeling_utils`` it makes the module call our hook right after it executes."""
+
+    def __init__(self):
+        self._busy = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name != TARGET or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        except Exception:
+            return None
+        finally:
+            self._busy = False
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        real_exec = loader.exec_module
+        finder = self
+
+        def exec_module(module):
+            try:
+                real_exec(module)
+            finally:
+                # Restore the loader first: the hook must run once, and the loader may be reused.
+                try:
+                    del loader.exec_module
+                except AttributeError:
+                    pass
+                finder.uninstall()
+            on_transformers_import(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+    def uninstall(self):
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+
+
+def install() -> None:
+    """Called by the .pth line. Registers the finder, or applies at once if transformers'
+    modeling module is already imported (for example when called after start-up)."""
+    try:
+        if _switched_off():
+            return
+        if TARGET in sys.modules:
+            on_transformers_import(sys.modules[TARGET])
+            return
+        if not any(isinstance(f, _TransformersFinder) for f in sys.meta_path):
+            sys.meta_path.insert(0, _TransformersFinder())
+    except Exception as exc:
+        _warn_once(exc)

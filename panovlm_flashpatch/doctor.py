@@ -1,0 +1,162 @@
+"""``python -m panovlm_flashpatch`` / ``panovlm-flashpatch``: one screen on what this environment can run.
+
+In the spirit of ``python -m xformers.info``: data first (:func:`collect` returns flat dotted keys),
+display second (text or ``--json``). With ``--model PATH`` (a local checkpoint folder; nothing is
+ever downloaded) it reads only the config and says which backend and dtype each component would
+get, and why, without loading any weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import site
+import sys
+
+from . import __version__
+from . import settings as settings_module
+
+PTH_NAME = "panovlm_flashpatch.pth"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _activation_file() -> str | None:
+    dirs = list(getattr(site, "getsitepackages", lambda: [])())
+    user = getattr(site, "getusersitepackages", lambda: None)()
+    dirs += [user] if user else []
+    dirs += [p for p in sys.path if p.endswith("site-packages")]
+    for folder in dict.fromkeys(dirs):
+        candidate = os.path.join(folder, PTH_NAME)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def collect(model_path: str | None = None, attn_implementation: str | None = None, dtype: str | None = None,
+            trust_remote_code: bool = False) -> dict:
+    """Everything the doctor knows, as flat ``section.key`` entries (JSON-serialisable)."""
+    import torch
+
+    from . import probe as probe_module
+    from .compat import transformers_facts
+    from .patch import is_applied
+
+    info: dict = {
+        "panovlm_flashpatch.version": __version__,
+        "python.version": platform.python_version(),
+        "python.executable": sys.executable,
+        "torch.version": torch.__version__,
+        "torch.cuda_build": torch.version.cuda,
+        "transformers.version": _version("transformers"),
+        "wrapt.version": _version("wrapt"),
+    }
+    facts = transformers_facts()
+    info["transformers.supported"] = facts.supported
+    caps = probe_module.probe()
+    info["flash_attn.version"] = caps.flash_attn_version
+    info["flash_attn.status"] = caps.flash_attn_error or "ok: CUDA extension imports"
+    info["kernels.version"] = caps.kernels_version
+    info["cuda.available"] = caps.cuda_available
+    count = torch.cuda.device_count() if caps.cuda_available else 0
+    info["cuda.device_count"] = count
+    for index in range(count):
+        dev = probe_module._device_info(index)
+        info[f"gpu.{index}.name"] = dev.name
+        info[f"gpu.{index}.compute_capability"] = f"{dev.compute_capability[0]}.{dev.compute_capability[1]}"
+        info[f"gpu.{index}.bf16"] = dev.bf16
+    blockers = caps.fa2_blockers()
+    info["flash_attention_2.usable"] = not blockers
+    info["flash_attention_2.reasons"] = list(blockers)
+    current = settings_module.read()
+    pth = _activation_file()
+    info["activation.installed"] = pth is not None
+    info["activation.file"] = pth
+    info["activation.enabled"] = bool(pth) and current.auto and not current.disabled
+    info["activation.applied_in_this_process"] = is_applied()
+    for name, raw in settings_module.known_variables().items():
+        info[f"env.{name}"] = raw
+    info["env.problems"] = list(current.problems)
+    if model_path is not None:
+        info.update(dry_run(model_path, attn_implementation, dtype, trust_remote_code, caps, current, facts))
+    return info
+
+
+class NotACheckpoint(Exception):
+    pass
+
+
+def dry_run(path, attn_implementation, dtype, trust_remote_code, caps, current, facts) -> dict:
+    """Which backend and dtype each component of ``path`` would get, from its config alone."""
+    import transformers
+    from transformers import AutoConfig
+
+    from .components import components_of
+    from .decide import Placement, Request, decide
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise NotACheckpoint(f"{path!r} is not a checkpoint folder: it has no config.json (the doctor never downloads)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    names = list(getattr(config, "architectures", None) or [])
+    model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if model_class is None:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        try:
+            model_class = MODEL_MAPPING[type(config)]
+        except KeyError:
+            raise NotACheckpoint(
+                f"{path!r}: no transformers class for architectures {names or '?'} (remote code is not imported by the doctor)"
+            ) from None
+    components = components_of(model_class, config, facts)
+    request = Request(attn={c.key: attn_implementation for c in components}, root_attn=None, dtype=dtype)
+    decision = decide(request, caps, components, Placement(), current, facts)
+    out = {"model.path": path, "model.class": model_class.__name__}
+    for choice in decision.choices:
+        prefix = f"model.{choice.component.key or 'model'}"
+        backend = choice.backend or "transformers default (sdpa, else eager)"
+        out[f"{prefix}.role"] = choice.component.role
+        out[f"{prefix}.class"] = choice.component.model_class
+        out[f"{prefix}.backend"] = backend
+        out[f"{prefix}.dtype"] = decision.inject_dtype if choice.upgraded and decision.inject_dtype else (dtype or "as transformers loads it")
+        out[f"{prefix}.reason"] = choice.reason
+    return out
+
+
+def render(info: dict) -> str:
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = "; ".join(value) if value else "-"
+        elif value is None:
+            value = "-"
+        lines.append(f"{key:<50}{value}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="panovlm-flashpatch",
+        description="What attention backend this environment (and optionally a local checkpoint) would get.",
+    )
+    parser.add_argument("--model", metavar="PATH", help="a local checkpoint folder: dry-run the decision from its config")
+    parser.add_argument("--attn-implementation", default=None, help="the request to simulate (default: unset)")
+    parser.add_argument("--dtype", default=None, help="the dtype to simulate, e.g. float32 (default: unset)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a remote-code config to load")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    try:
+        info = collect(args.model, args.attn_implementation, args.dtype, args.trust_remote_code)
+    except NotACheckpoint as exc:
+        print(f"panovlm-flashpatch: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0

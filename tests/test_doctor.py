@@ -1,0 +1,62 @@
+"""The doctor: one screen, --json, --model dry-run from a local config, a clear exit for a bad path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from panovlm_flashpatch import doctor
+
+
+def run(capsys, *argv):
+    code = doctor.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_json_lists_the_environment(capsys):
+    code, out, _ = run(capsys, "--json")
+    info = json.loads(out)
+    assert code == 0
+    for key in ("python.version", "torch.version", "transformers.version", "wrapt.version", "flash_attn.status",
+                "cuda.available", "flash_attention_2.usable", "activation.installed", "env.DISABLE_FLASH_ATTN"):
+        assert key in info
+    # This machine: no GPU, no flash-attn, and the doctor says why.
+    assert info["flash_attention_2.usable"] is False
+    assert "flash-attn is not installed" in info["flash_attention_2.reasons"]
+
+
+def test_text_is_one_line_per_key(capsys):
+    code, out, _ = run(capsys)
+    assert code == 0
+    assert any(line.startswith("flash_attn.status") and "not installed" in line for line in out.splitlines())
+
+
+def test_model_dry_run_reads_only_the_config(capsys, ckpts):
+    name = "llava_siglip2" if "llava_siglip2" in ckpts else "llava_siglip"
+    code, out, _ = run(capsys, "--model", ckpts[name], "--json")
+    info = json.loads(out)
+    assert code == 0 and info["model.class"] == "LlavaForConditionalGeneration"
+    assert info["model.text_config.role"] == "language model"
+    assert info["model.vision_config.role"] == "vision encoder"
+    assert "needs a CUDA GPU" in info["model.text_config.reason"]
+
+
+def test_a_path_that_is_not_a_checkpoint_fails_clearly(capsys, tmp_path):
+    code, out, err = run(capsys, "--model", str(tmp_path))
+    assert code == 2 and out == ""
+    assert "no config.json" in err and "never downloads" in err
+
+
+def test_unknown_variable_values_are_flagged(capsys, monkeypatch):
+    monkeypatch.setenv("PANOVLM_FLASHPATCH_KEEP_SDPA", "sometimes")
+    code, out, _ = run(capsys, "--json")
+    problems = json.loads(out)["env.problems"]
+    assert code == 0 and any("PANOVLM_FLASHPATCH_KEEP_SDPA='sometimes'" in p for p in problems)
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "panovlm_flashpatch", "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["panovlm_flashpatch.version"]
