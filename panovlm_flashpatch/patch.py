@@ -160,8 +160,8 @@ def _wrapper(wrapped, instance, args, kwargs):
     try:
         plan = plan_call(cls, args, kwargs, current, facts)
     except CannotPlan as exc:
-        report_module.get_logger().info(
-            "%s  [%s]  → left to transformers  (%s)", cls.__name__, checkpoint_of(args, kwargs), exc
+        report_module.get_logger().log(
+            report_module.info_level(), "%s  [%s]  → left to transformers  (%s)", cls.__name__, checkpoint_of(args, kwargs), exc
         )
         return wrapped(*args, **kwargs)
     except Exception as exc:  # a bug of ours must never cost the caller their load

@@ -11,7 +11,7 @@ import os
 
 from . import probe as probe_module
 from .compat import TransformersFacts, config_base_class, requested_attn
-from .components import Component, components_of
+from .components import components_of
 from .decide import Decision, Placement, Request, decide
 from .load import caller_dtype
 from .settings import Settings
@@ -28,7 +28,6 @@ class CannotPlan(Exception):
 class Plan:
     checkpoint: str
     model_class: str
-    components: tuple[Component, ...]
     decision: Decision
     caller_attn: object
 
@@ -65,7 +64,7 @@ def _dtype_name(value) -> str | None:
     return str(value).replace("torch.", "")
 
 
-def _request(config, kwargs, keys, facts: TransformersFacts) -> tuple[Request, object]:
+def _request(config, kwargs, keys) -> tuple[Request, object]:
     kwarg = kwargs.get("attn_implementation")
     root = kwarg if kwarg is not None else requested_attn(config)
 
@@ -141,7 +140,7 @@ def plan_call(cls, args, kwargs, settings: Settings, facts: TransformersFacts) -
     config = _config_for(cls, args, kwargs)
     components = components_of(cls, config, facts, output_attentions_kwarg=bool(kwargs.get("output_attentions")))
     keys = tuple(c.key for c in components if c.key)
-    request, caller_attn = _request(config, kwargs, keys, facts)
+    request, caller_attn = _request(config, kwargs, keys)
     placement = placement_of(kwargs)
     # Looked up through the module on every call: the one seam tests replace.
     caps = probe_module.probe(placement.devices)
@@ -149,7 +148,6 @@ def plan_call(cls, args, kwargs, settings: Settings, facts: TransformersFacts) -
     return Plan(
         checkpoint=checkpoint_of(args, kwargs),
         model_class=cls.__name__,
-        components=components,
         decision=decision,
         caller_attn=caller_attn,
     )

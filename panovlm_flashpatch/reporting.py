@@ -56,6 +56,11 @@ def is_local_main_process() -> bool:
     return rank in ("", "0") or not rank.isdigit()
 
 
+def info_level() -> int:
+    """INFO on local rank 0, DEBUG on the other ranks (one copy of each line per machine)."""
+    return logging.INFO if is_local_main_process() else logging.DEBUG
+
+
 def log_once(key: str, level: int, message: str) -> None:
     with _lock:
         if key in _once:
@@ -80,7 +85,7 @@ def publish(records: list[dict], model=None) -> None:
             except TypeError:  # an object that cannot be weakly referenced: keep the global list only
                 pass
     logger = get_logger()
-    level = logging.INFO if is_local_main_process() else logging.DEBUG
+    level = info_level()
     for rec in records:
         logger.log(logging.WARNING if rec["retried"] else level, component_line(rec))
 
