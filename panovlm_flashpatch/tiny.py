@@ -95,14 +95,17 @@ def build_clip_vision(path: str) -> str:
 
 def build_dinov2(path: str) -> str:
     torch.manual_seed(0)
-    config = transformers.Dinov2Config(image_size=32, patch_size=8, **_VISION)
-    return _save(transformers.Dinov2Model(config), path)
+    return _save(transformers.Dinov2Model(dinov2_config()), path)
+
+
+def dinov2_config():
+    return transformers.Dinov2Config(image_size=32, patch_size=8, **_VISION)
 
 
 def build_llava(path: str, vision: str = "siglip2") -> str:
-    """A LLaVA-style composite: the tiny LM as text tower, a SigLIP/SigLIP2 vision tower."""
+    """A LLaVA-style composite: the tiny LM as text tower, a SigLIP/SigLIP2/DINOv2 vision tower."""
     torch.manual_seed(0)
-    vision_config = siglip2_vision_config() if vision == "siglip2" else siglip_vision_config()
+    vision_config = {"siglip2": siglip2_vision_config, "siglip": siglip_vision_config, "dinov2": dinov2_config}[vision]()
     config = transformers.LlavaConfig(
         text_config=lm_config().to_dict(),
         vision_config=vision_config.to_dict(),

@@ -1,0 +1,71 @@
+"""Multi-process runs on CPU: torchrun and accelerate launch with 2 processes.
+
+The training script does not import the plugin before loading: automatic activation (the .pth
+of this editable install) patches every rank. Every rank reaches the same decision, and only
+local rank 0 logs at INFO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("gloo")
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="sdpa")
+    import panovlm_flashpatch  # only to read the report; activation happened without it
+    decisions = [None] * dist.get_world_size()
+    mine = [(r["component"], r["decision"], r["backend"], r["dtype"]) for r in panovlm_flashpatch.report(model)]
+    dist.all_gather_object(decisions, mine)
+    with open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump({"applied": panovlm_flashpatch.is_applied(), "local_rank": os.environ["LOCAL_RANK"],
+                   "mine": mine, "all": decisions}, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _activation_installed() -> bool:
+    import sysconfig
+
+    return os.path.isfile(os.path.join(sysconfig.get_paths()["purelib"], "panovlm_flashpatch.pth"))
+
+
+pytestmark = pytest.mark.skipif(not _activation_installed(), reason="needs this package pip-installed (its .pth)")
+
+
+def launchers():
+    yield "torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if accelerate:
+        # --multi_gpu is accelerate's multi-process mode; on a CPU machine its ranks run on CPU.
+        yield "accelerate", [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.mark.parametrize("name, command", list(launchers()), ids=[n for n, _ in launchers()])
+def test_two_ranks_same_decision_one_info_line(tmp_path, ckpts, name, command):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PANOVLM_FLASHPATCH", "DISABLE_FLASH_ATTN", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([*command, str(script), ckpts["lm"], str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["applied"] for r in ranks)
+    assert [r["local_rank"] for r in ranks] == ["0", "1"]
+    assert ranks[0]["all"][0] == ranks[0]["all"][1] == ranks[0]["mine"] == ranks[1]["mine"]
+    lines = (done.stdout + done.stderr).count("[panovlm_flashpatch] language model")
+    assert lines == 1, done.stderr[-3000:]
