@@ -110,6 +110,15 @@ class _TransformersFinder:
             pass
 
 
+def cancel() -> bool:
+    """Takes a pending finder off ``sys.meta_path`` (``panovlm_flashpatch.remove()`` calls this, so
+    that removing before transformers is imported is not undone by the start-up hook later)."""
+    pending = [f for f in sys.meta_path if isinstance(f, _TransformersFinder)]
+    for finder in pending:
+        finder.uninstall()
+    return bool(pending)
+
+
 def install() -> None:
     """Called by the .pth line. Registers the finder, or applies at once if transformers'
     modeling module is already imported (for example when called after start-up)."""

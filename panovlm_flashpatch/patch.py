@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from . import phases
 from . import reporting as report_module
 from . import settings as settings_module
 from .compat import transformers_facts
@@ -81,6 +82,7 @@ def apply(keep_explicit_sdpa: bool | None = None) -> bool:
             return False
         cls = _pretrained_model_class()
         entry = cls.__dict__.get("from_pretrained")
+        phases.install()
         if getattr(entry, _MARKER, False):
             _State.active = True
             return True
@@ -95,15 +97,21 @@ def apply(keep_explicit_sdpa: bool | None = None) -> bool:
 
 
 def remove() -> bool:
-    """Restores the original ``from_pretrained``. Returns True if something was removed."""
+    """Restores the original ``from_pretrained``, and cancels a pending automatic activation (one
+    that would otherwise patch once transformers' modeling module is imported). Returns True if
+    something was removed or cancelled."""
     import sys
 
-    if "transformers" not in sys.modules:
-        return False
+    from ._bootstrap import cancel
+
+    cancelled = cancel()
+    if "transformers.modeling_utils" not in sys.modules:
+        return cancelled
     with _State.lock:
         if _State.installed is None:
-            return False
+            return cancelled
         cls = _pretrained_model_class()
+        phases.uninstall()
         if cls.__dict__.get("from_pretrained") is _State.installed:
             setattr(cls, "from_pretrained", _State.original)
             _State.installed = _State.original = None
@@ -203,6 +211,8 @@ def _publish(plan: Plan, decision, attempts, seconds, result) -> None:
         internal_errors.append(f"observe: {type(exc).__name__}: {exc}")
         seen = {}
     first = {c.component.key: c for c in plan.decision.choices}
+    switch = phases.plan_for({k: v.backend for k, v in seen.items()}, composite=bool(keys))
+    armed = phases.arm(model, switch)
     records = []
     for choice in decision.choices:
         obs = seen.get(choice.component.key)
@@ -211,6 +221,9 @@ def _publish(plan: Plan, decision, attempts, seconds, result) -> None:
         reason = choice.reason
         if choice.upgraded and decision.dtype_note:
             reason = f"{reason}; {decision.dtype_note}"
+        on_fa2 = bool(obs) and obs.backend == phases.FA2
+        if on_fa2 and armed:
+            reason = f"{reason}; generate() runs on sdpa (faster for decoding)"
         records.append(
             {
                 "checkpoint": plan.checkpoint,
@@ -226,6 +239,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result) -> None:
                 "retried": retried,
                 "rejected": {k: v for k, v in choice.rejected.items()},
                 "attempts": [_jsonable(a.to_dict()) for a in attempts],
+                "phases": {"generate": "sdpa"} if on_fa2 and armed else {},
                 "seconds": round(seconds, 4),
             }
         )

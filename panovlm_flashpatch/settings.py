@@ -16,6 +16,7 @@ import threading
 DISABLE_FLASH_ATTN = "DISABLE_FLASH_ATTN"
 KEEP_SDPA = "PANOVLM_FLASHPATCH_KEEP_SDPA"
 AUTO = "PANOVLM_FLASHPATCH_AUTO"
+GENERATE_FA2 = "PANOVLM_FLASHPATCH_GENERATE_FA2"
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -23,9 +24,9 @@ _FALSE = ("", "0", "false", "no", "off")
 # What an unknown value means, chosen so that a typo never makes a run riskier than plain
 # transformers: a garbled DISABLE_FLASH_ATTN disables the plugin (the user was reaching for the
 # off switch), a garbled KEEP_SDPA keeps the caller's "sdpa", a garbled AUTO turns automatic
-# activation off.
-_ON_UNKNOWN = {DISABLE_FLASH_ATTN: True, KEEP_SDPA: True, AUTO: False}
-_DEFAULT = {DISABLE_FLASH_ATTN: False, KEEP_SDPA: False, AUTO: True}
+# activation off, a garbled GENERATE_FA2 keeps generate() on SDPA (the measured faster choice).
+_ON_UNKNOWN = {DISABLE_FLASH_ATTN: True, KEEP_SDPA: True, AUTO: False, GENERATE_FA2: False}
+_DEFAULT = {DISABLE_FLASH_ATTN: False, KEEP_SDPA: False, AUTO: True, GENERATE_FA2: False}
 
 _log = logging.getLogger("panovlm_flashpatch")
 _reported: set[tuple[str, str]] = set()
@@ -79,7 +80,8 @@ def read(environ=None) -> Settings:
     disabled, p1 = parse_flag(DISABLE_FLASH_ATTN, environ)
     keep, p2 = parse_flag(KEEP_SDPA, environ)
     auto, p3 = parse_flag(AUTO, environ)
-    problems = tuple(p for p in (p1, p2, p3) if p)
+    _, p4 = parse_flag(GENERATE_FA2, environ)  # read per generate() call by phases.py
+    problems = tuple(p for p in (p1, p2, p3, p4) if p)
     for problem in problems:
         _report_once(problem)
     return Settings(disabled=disabled, keep_explicit_sdpa=keep, auto=auto, problems=problems)
@@ -96,4 +98,4 @@ def _report_once(problem: str) -> None:
 
 def known_variables() -> dict[str, str | None]:
     """The raw values of our variables as set in this process (None when unset), for the doctor."""
-    return {name: os.environ.get(name) for name in (DISABLE_FLASH_ATTN, KEEP_SDPA, AUTO)}
+    return {name: os.environ.get(name) for name in (DISABLE_FLASH_ATTN, KEEP_SDPA, AUTO, GENERATE_FA2)}

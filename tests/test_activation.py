@@ -125,6 +125,14 @@ def test_explicit_apply_works_with_automatic_activation_off(wheel_env, tmp_path,
     assert "wrapped FunctionWrapper" in done.stdout
 
 
+def test_remove_before_transformers_is_imported_cancels_automatic_activation(wheel_env, tmp_path, ckpts):
+    script = tmp_path / "opt_out.py"
+    script.write_text("import panovlm_flashpatch\nassert panovlm_flashpatch.remove()\n" + USER_SCRIPT)
+    done = run(wheel_env, str(script), ckpts["lm"])
+    assert done.returncode == 0, done.stderr
+    assert "wrapped classmethod" in done.stdout and "panovlm_flashpatch" not in done.stderr
+
+
 def test_explicit_apply_after_automatic_activation_is_a_no_op(wheel_env, tmp_path, ckpts):
     script = tmp_path / "twice.py"
     script.write_text(
@@ -136,6 +144,17 @@ def test_explicit_apply_after_automatic_activation_is_a_no_op(wheel_env, tmp_pat
     done = run(wheel_env, str(script), ckpts["lm"])
     assert done.returncode == 0, done.stderr
     assert "layers classmethod" in done.stdout
+
+
+def test_entry_point_group_names_the_hook(wheel_env):
+    code = (
+        "from importlib.metadata import entry_points\n"
+        "(ep,) = entry_points(group='panovlm_flashpatch')\n"
+        "print(ep.name, ep.value)\n"
+    )
+    done = run(wheel_env, "-c", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["transformers.modeling_utils", "panovlm_flashpatch._bootstrap:on_transformers_import"]
 
 
 def test_interpreter_start_imports_nothing_heavy(wheel_env):

@@ -107,3 +107,56 @@ def test_demo_shows_flash_attention_2_for_the_language_model():
     records = json.loads(out)
     lms = [r for r in records if r["role"] == "language model"]
     assert lms and all(r["backend"] == "flash_attention_2" and r["dtype"] == "bfloat16" for r in lms), lms
+
+
+@pytest.mark.parametrize("builder, expected", [("build_siglip_vision", "flash_attention_2"), ("build_siglip2_vision", None)])
+def test_vision_encoders_on_gpu(applied, tmp_path, builder, expected):
+    if builder == "build_siglip2_vision" and not tiny.has_siglip2():
+        pytest.skip("needs SigLIP2")
+    model = transformers.AutoModel.from_pretrained(getattr(tiny, builder)(str(tmp_path / "v")), device_map="cuda")
+    (rec,) = panovlm_flashpatch.report(model)
+    supported = panovlm_flashpatch.components.supports_fa2(type(model), panovlm_flashpatch.compat.transformers_facts())
+    assert rec["backend"] == ("flash_attention_2" if supported else "sdpa"), rec
+    if expected:
+        assert supported, f"{type(model).__name__} should support FlashAttention-2 here"
+    if not supported:
+        assert "does not support FlashAttention-2" in rec["reason"]
+
+
+class _TrueOnTheClassOnly:
+    """Reads True on the class (what the plugin checks) and False on the instance (what transformers
+    checks in __init__): transformers then refuses FlashAttention-2 after the plugin chose it."""
+
+    def __get__(self, instance, owner):
+        return instance is None
+
+
+def test_a_refused_attempt_on_the_gpu_leaves_no_memory_behind(applied, tmp_path):
+    path = tiny.build_lm(str(tmp_path / "lm"), hidden_size=512, intermediate_size=1024, head_dim=64, num_attention_heads=8)
+    base = type(AutoModelForCausalLM.from_config(tiny.lm_config()))
+    liar = type("RefusingLM", (base,), {"_supports_flash_attn": _TrueOnTheClassOnly(), "_supports_flash_attn_2": _TrueOnTheClassOnly()})
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model = liar.from_pretrained(path, device_map="cuda")
+    (rec,) = panovlm_flashpatch.report(model)
+    assert rec["retried"] and rec["backend"] == "sdpa" and rec["attempts"][0]["attn_implementation"] == "flash_attention_2"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    del model
+    torch.cuda.synchronize()
+    # Only the final model was ever on the GPU: nothing of the refused attempt is left once it is gone.
+    assert torch.cuda.memory_allocated() == before, (before, torch.cuda.memory_allocated(), weights)
+
+
+@pytest.mark.skipif(not hasattr(transformers.PreTrainedModel, "set_attn_implementation"), reason="needs transformers >= 4.54")
+def test_generate_runs_on_sdpa_and_training_forward_on_fa2(applied, tmp_path, kernel_calls):
+    path = tiny.build_lm(str(tmp_path / "lm"))
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
+    (rec,) = panovlm_flashpatch.report(model)
+    assert rec["backend"] == "flash_attention_2" and rec["phases"] == {"generate": "sdpa"}
+    batch = {k: v.cuda() for k, v in tiny.lm_inputs(batch=2, length=16).items()}
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 24 and kernel_calls == [], "generate() should not call flash-attn"
+    assert model.config._attn_implementation == "flash_attention_2"
+    model(**batch).logits.float().mean().backward()
+    assert len(kernel_calls) == model.config.num_hidden_layers
