@@ -209,6 +209,8 @@ def main() -> int:
         import panovlm_flashpatch
 
         records = panovlm_flashpatch.report(model)
+    if records:
+        result["overhead_ms"] = records[0]["overhead_ms"]
     result.update(workload=workload, mode=mode, backend=backend, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                   phases=records[0].get("phases", {}) if records else {}, retried=bool(records and records[0]["retried"]))
     print("RESULT " + json.dumps(result))

@@ -18,6 +18,16 @@ from .settings import Settings
 FA2 = "flash_attention_2"
 #: Requests the plugin may upgrade. Anything else is the caller's explicit choice and is left alone.
 UPGRADABLE = (None, "sdpa")
+#: Roles that keep SDPA unless PANOVLM_FLASHPATCH_ENCODERS_FA2 is set: their sequences are short and
+#: unpadded, where FlashAttention-2 has nothing to win over SDPA (which itself dispatches to flash/cuDNN
+#: kernels). Measured on an H100: a SigLIP-base tower, fwd+bwd at 224 px, ran 0.90x with FA2
+#: (benchmarks/results/results.md); public CLIP data show FA2 no faster on the vision tower and
+#: slower on the text tower.
+ENCODER_ROLES = ("vision encoder", "text encoder", "audio encoder")
+ENCODER_REASON = (
+    "encoders keep SDPA: FlashAttention-2 measured slower for a SigLIP-base tower "
+    "(0.90x on an H100, benchmarks/results); PANOVLM_FLASHPATCH_ENCODERS_FA2=1 to use it"
+)
 #: Dtype names that FlashAttention-2 runs in directly.
 HALF_DTYPES = ("bfloat16", "float16")
 
@@ -165,6 +175,8 @@ def decide(
             blockers.append("output_attentions is requested, which FlashAttention-2 cannot return")
         if dtype_blocker:
             blockers.append(dtype_blocker)
+        if comp.role in ENCODER_ROLES and not settings.encoders_fa2:
+            blockers.append(ENCODER_REASON)
         if blockers:
             why = "; ".join(blockers)
             choices.append(Choice(comp, req, req, False, f"FlashAttention-2 not used: {why}", {FA2: why}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from . import phases
 from . import reporting as report_module
@@ -165,6 +166,7 @@ def _wrapper(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     cls = instance if isinstance(instance, type) else type(instance)
     facts = transformers_facts()
+    started = time.perf_counter()
     try:
         plan = plan_call(cls, args, kwargs, current, facts)
     except CannotPlan as exc:
@@ -181,11 +183,12 @@ def _wrapper(wrapped, instance, args, kwargs):
             "Please report this.",
         )
         return wrapped(*args, **kwargs)
+    planning = time.perf_counter() - started
     result, decision, attempts, seconds = load_with_fallback(
         wrapped, args, kwargs, plan.decision, facts.dtype_kwarg, plan.caller_attn
     )
     try:
-        _publish(plan, decision, attempts, seconds, result)
+        _publish(plan, decision, attempts, seconds, result, planning)
     except Exception as exc:  # reporting must never cost the caller their model
         internal_errors.append(f"report: {type(exc).__name__}: {exc}")
         report_module.log_once(
@@ -202,7 +205,8 @@ def _jsonable(value):
     return str(value)
 
 
-def _publish(plan: Plan, decision, attempts, seconds, result) -> None:
+def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 0.0) -> None:
+    started = time.perf_counter()
     model = result[0] if isinstance(result, tuple) else result
     keys = tuple(c.component.key for c in decision.choices if c.component.key)
     try:
@@ -213,6 +217,8 @@ def _publish(plan: Plan, decision, attempts, seconds, result) -> None:
     first = {c.component.key: c for c in plan.decision.choices}
     switch = phases.plan_for({k: v.backend for k, v in seen.items()}, composite=bool(keys))
     armed = phases.arm(model, switch)
+    # Time spent in the plugin's own code for this load (not in transformers): planning + observing.
+    overhead_ms = round((planning + time.perf_counter() - started) * 1000, 3)
     records = []
     for choice in decision.choices:
         obs = seen.get(choice.component.key)
@@ -241,6 +247,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result) -> None:
                 "attempts": [_jsonable(a.to_dict()) for a in attempts],
                 "phases": {"generate": "sdpa"} if on_fa2 and armed else {},
                 "seconds": round(seconds, 4),
+                "overhead_ms": overhead_ms,
             }
         )
     report_module.publish(records, model=model)

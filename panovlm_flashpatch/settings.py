@@ -17,6 +17,7 @@ DISABLE_FLASH_ATTN = "DISABLE_FLASH_ATTN"
 KEEP_SDPA = "PANOVLM_FLASHPATCH_KEEP_SDPA"
 AUTO = "PANOVLM_FLASHPATCH_AUTO"
 GENERATE_FA2 = "PANOVLM_FLASHPATCH_GENERATE_FA2"
+ENCODERS_FA2 = "PANOVLM_FLASHPATCH_ENCODERS_FA2"
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -24,9 +25,10 @@ _FALSE = ("", "0", "false", "no", "off")
 # What an unknown value means, chosen so that a typo never makes a run riskier than plain
 # transformers: a garbled DISABLE_FLASH_ATTN disables the plugin (the user was reaching for the
 # off switch), a garbled KEEP_SDPA keeps the caller's "sdpa", a garbled AUTO turns automatic
-# activation off, a garbled GENERATE_FA2 keeps generate() on SDPA (the measured faster choice).
-_ON_UNKNOWN = {DISABLE_FLASH_ATTN: True, KEEP_SDPA: True, AUTO: False, GENERATE_FA2: False}
-_DEFAULT = {DISABLE_FLASH_ATTN: False, KEEP_SDPA: False, AUTO: True, GENERATE_FA2: False}
+# activation off, a garbled GENERATE_FA2 keeps generate() on SDPA and a garbled ENCODERS_FA2 keeps
+# encoders on SDPA (the measured faster choices).
+_ON_UNKNOWN = {DISABLE_FLASH_ATTN: True, KEEP_SDPA: True, AUTO: False, GENERATE_FA2: False, ENCODERS_FA2: False}
+_DEFAULT = {DISABLE_FLASH_ATTN: False, KEEP_SDPA: False, AUTO: True, GENERATE_FA2: False, ENCODERS_FA2: False}
 
 _log = logging.getLogger("panovlm_flashpatch")
 _reported: set[tuple[str, str]] = set()
@@ -42,12 +44,15 @@ class Settings:
         keep_explicit_sdpa: ``PANOVLM_FLASHPATCH_KEEP_SDPA`` is set: a caller's explicit
             ``attn_implementation="sdpa"`` is kept; only an unset request is upgraded.
         auto: ``PANOVLM_FLASHPATCH_AUTO`` is not turned off: the start-up hook may apply the patch.
+        encoders_fa2: ``PANOVLM_FLASHPATCH_ENCODERS_FA2`` is set: vision/text/audio encoders may get
+            FlashAttention-2 too (by default they keep SDPA, measured faster for them).
         problems: one message per variable whose value was not understood.
     """
 
     disabled: bool = False
     keep_explicit_sdpa: bool = False
     auto: bool = True
+    encoders_fa2: bool = False
     problems: tuple[str, ...] = ()
 
 
@@ -81,10 +86,11 @@ def read(environ=None) -> Settings:
     keep, p2 = parse_flag(KEEP_SDPA, environ)
     auto, p3 = parse_flag(AUTO, environ)
     _, p4 = parse_flag(GENERATE_FA2, environ)  # read per generate() call by phases.py
-    problems = tuple(p for p in (p1, p2, p3, p4) if p)
+    encoders, p5 = parse_flag(ENCODERS_FA2, environ)
+    problems = tuple(p for p in (p1, p2, p3, p4, p5) if p)
     for problem in problems:
         _report_once(problem)
-    return Settings(disabled=disabled, keep_explicit_sdpa=keep, auto=auto, problems=problems)
+    return Settings(disabled=disabled, keep_explicit_sdpa=keep, auto=auto, encoders_fa2=encoders, problems=problems)
 
 
 def _report_once(problem: str) -> None:
@@ -98,4 +104,4 @@ def _report_once(problem: str) -> None:
 
 def known_variables() -> dict[str, str | None]:
     """The raw values of our variables as set in this process (None when unset), for the doctor."""
-    return {name: os.environ.get(name) for name in (DISABLE_FLASH_ATTN, KEEP_SDPA, AUTO, GENERATE_FA2)}
+    return {name: os.environ.get(name) for name in (DISABLE_FLASH_ATTN, KEEP_SDPA, AUTO, GENERATE_FA2, ENCODERS_FA2)}

@@ -72,8 +72,17 @@ def test_environment_blockers_have_reasons_with_values(overrides, expected):
     ],
 )
 def test_component_blockers(component, expected):
-    (c,) = run(components=(component,)).choices
+    (c,) = run(components=(component,), settings=Settings(encoders_fa2=True)).choices
     assert not c.upgraded and expected in c.reason
+
+
+@pytest.mark.parametrize("role", ["vision encoder", "text encoder", "audio encoder"])
+def test_encoders_keep_sdpa_unless_asked(role):
+    comp = Component("", role, "SiglipVisionModel", True, 64, False)
+    (c,) = run(components=(comp,)).choices
+    assert not c.upgraded and "encoders keep SDPA" in c.reason and "PANOVLM_FLASHPATCH_ENCODERS_FA2=1" in c.reason
+    (c,) = run(components=(comp,), settings=Settings(encoders_fa2=True)).choices
+    assert c.upgraded and c.backend == FA2
 
 
 def test_offload_keeps_sdpa():
@@ -113,7 +122,7 @@ def test_composite_gets_a_dict_with_only_what_is_set():
 def test_giving_back_the_last_fa2_component_drops_the_bf16_injection():
     text = Component("text_config", "language model", "Qwen3Model", True, 16, False)
     vision = Component("vision_config", "vision encoder", "SiglipVisionModel", True, 8, False)
-    d = decide(Request(attn={"text_config": None, "vision_config": None}), caps(), (text, vision), Placement(), Settings(), NEW)
+    d = decide(Request(attn={"text_config": None, "vision_config": None}), caps(), (text, vision), Placement(), Settings(encoders_fa2=True), NEW)
     half = d.without_fa2({"vision_config"}, "refused")
     assert half.changed and half.inject_dtype == "bfloat16"
     assert half.attn_argument() == {"text_config": FA2}

@@ -96,7 +96,8 @@ def test_fault_head_dim_over_256(capable, tmp_path):
     assert len(rec["attempts"]) == 1 and "needs head_dim <= 256, found 288" in rec["reason"]
 
 
-def test_fault_composite_with_one_tower_lacking_fa2(capable, tmp_path):
+def test_fault_composite_with_one_tower_lacking_fa2(capable, tmp_path, monkeypatch):
+    monkeypatch.setenv("PANOVLM_FLASHPATCH_ENCODERS_FA2", "1")  # isolate the class-support reason
     facts = compat.transformers_facts()
     lacking = next(
         (name for name, cls in (("siglip2", getattr(transformers, "Siglip2VisionModel", None)), ("dinov2", transformers.Dinov2Model))

@@ -141,7 +141,10 @@ def test_out_of_memory_during_an_upgraded_load_propagates_without_retry(capable,
     assert len(calls) == 1, "an out-of-memory error must not be retried"
 
 
-def test_composite_llava_asks_fa2_for_each_tower_that_supports_it(capable, ckpts):
+@pytest.mark.parametrize("encoders_fa2", [False, True])
+def test_composite_llava_asks_fa2_for_each_tower_that_supports_it(capable, ckpts, monkeypatch, encoders_fa2):
+    if encoders_fa2:
+        monkeypatch.setenv("PANOVLM_FLASHPATCH_ENCODERS_FA2", "1")
     name = "llava_siglip2" if "llava_siglip2" in ckpts else "llava_siglip"
     model = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts[name])
     records = panovlm_flashpatch.report(model)
@@ -149,26 +152,33 @@ def test_composite_llava_asks_fa2_for_each_tower_that_supports_it(capable, ckpts
     assert text["role"] == "language model" and vision["role"] == "vision encoder"
     asked = records[0]["attempts"][0]["attn_implementation"]
     assert asked["text_config"] == FA2
-    vision_fa2 = name == "llava_siglip" or TV < (5, 4)  # SigLIP2 lost FA2 support in transformers 5.x
-    assert (asked.get("vision_config") == FA2) == vision_fa2
-    if not vision_fa2:
+    tower_supports = name == "llava_siglip" or TV < (5, 4)  # SigLIP2 lost FA2 support in transformers 5.x
+    assert (asked.get("vision_config") == FA2) == (tower_supports and encoders_fa2)
+    if not tower_supports:
         assert "Siglip2VisionModel does not support FlashAttention-2" in vision["reason"] and not vision["retried"]
+    if not encoders_fa2:
+        assert "encoders keep SDPA" in vision["reason"]
     assert text["retried"] and text["backend"] == "sdpa" and vision["backend"] == "sdpa"
 
 
+@pytest.mark.parametrize("encoders_fa2", [False, True])
 @pytest.mark.parametrize("name, fa2_class", [("siglip_vision", True), ("clip_vision", True), ("dinov2", None), ("siglip2_vision", None)])
-def test_vision_encoders(capable, ckpts, name, fa2_class):
+def test_vision_encoders(capable, ckpts, monkeypatch, name, fa2_class, encoders_fa2):
     if name not in ckpts:
         pytest.skip("SigLIP2 needs transformers >= 4.49")
+    if encoders_fa2:
+        monkeypatch.setenv("PANOVLM_FLASHPATCH_ENCODERS_FA2", "1")
     model = AutoModel.from_pretrained(ckpts[name])
     rec = only(panovlm_flashpatch.report(model))
     supported = panovlm_flashpatch.components.supports_fa2(type(model), panovlm_flashpatch.compat.transformers_facts())
     if fa2_class is not None:
         assert supported == fa2_class
     assert rec["role"] == "vision encoder"
-    assert (rec["attempts"][0]["attn_implementation"] == FA2) == supported
+    assert (rec["attempts"][0]["attn_implementation"] == FA2) == (supported and encoders_fa2)
     if not supported:
         assert len(rec["attempts"]) == 1 and "does not support FlashAttention-2" in rec["reason"]
+    if not encoders_fa2:
+        assert len(rec["attempts"]) == 1 and "encoders keep SDPA" in rec["reason"]
     assert rec["backend"] == "sdpa"
 
 

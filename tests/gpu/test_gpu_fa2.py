@@ -110,9 +110,13 @@ def test_demo_shows_flash_attention_2_for_the_language_model():
 
 
 @pytest.mark.parametrize("builder, expected", [("build_siglip_vision", "flash_attention_2"), ("build_siglip2_vision", None)])
-def test_vision_encoders_on_gpu(applied, tmp_path, builder, expected):
+def test_vision_encoders_on_gpu(applied, tmp_path, builder, expected, monkeypatch):
     if builder == "build_siglip2_vision" and not tiny.has_siglip2():
         pytest.skip("needs SigLIP2")
+    default = transformers.AutoModel.from_pretrained(getattr(tiny, builder)(str(tmp_path / "d")), device_map="cuda")
+    (rec,) = panovlm_flashpatch.report(default)
+    assert rec["backend"] == "sdpa" and "encoders keep SDPA" in rec["reason"], rec
+    monkeypatch.setenv("PANOVLM_FLASHPATCH_ENCODERS_FA2", "1")
     model = transformers.AutoModel.from_pretrained(getattr(tiny, builder)(str(tmp_path / "v")), device_map="cuda")
     (rec,) = panovlm_flashpatch.report(model)
     supported = panovlm_flashpatch.components.supports_fa2(type(model), panovlm_flashpatch.compat.transformers_facts())
