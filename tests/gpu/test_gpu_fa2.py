@@ -164,3 +164,24 @@ def test_generate_runs_on_sdpa_and_training_forward_on_fa2(applied, tmp_path, ke
     assert model.config._attn_implementation == "flash_attention_2"
     model(**batch).logits.float().mean().backward()
     assert len(kernel_calls) == model.config.num_hidden_layers
+
+
+def test_broken_flash_attn_extension_falls_back_to_sdpa_with_the_reason(tmp_path):
+    """A shadow flash_attn_2_cuda that fails to import (as an ABI-mismatched build does)."""
+    path = tiny.build_lm(str(tmp_path / "lm"))
+    shadow = tmp_path / "broken"
+    shadow.mkdir()
+    (shadow / "flash_attn_2_cuda.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c10 (simulated)')\n")
+    code = (
+        "import sys, json, panovlm_flashpatch\n"
+        "panovlm_flashpatch.apply()\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map='cuda')\n"
+        "print(json.dumps(panovlm_flashpatch.report(m)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT}", "PANOVLM_FLASHPATCH_AUTO": "0"}
+    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    (rec,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rec["backend"] == "sdpa" and len(rec["attempts"]) == 1
+    assert "CUDA extension fails to import" in rec["reason"] and "undefined symbol" in rec["reason"]
