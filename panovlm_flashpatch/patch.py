@@ -37,7 +37,14 @@ class _PatchState:
 _State = _PatchState()
 
 #: Our own failures that the safety nets absorbed (the load went on untouched); tests assert none.
+#: Bounded: a recurring bug in a long-running server must not grow it forever.
 internal_errors: list[str] = []
+_MAX_INTERNAL_ERRORS = 100
+
+
+def _absorbed(message: str) -> None:
+    internal_errors.append(message)
+    del internal_errors[:-_MAX_INTERNAL_ERRORS]
 
 
 def _pretrained_model_class():
@@ -175,7 +182,7 @@ def _wrapper(wrapped, instance, args, kwargs):
         )
         return wrapped(*args, **kwargs)
     except Exception as exc:  # a bug of ours must never cost the caller their load
-        internal_errors.append(f"plan: {type(exc).__name__}: {exc}")
+        _absorbed(f"plan: {type(exc).__name__}: {exc}")
         report_module.log_once(
             f"plan-error:{type(exc).__name__}",
             logging.WARNING,
@@ -190,7 +197,7 @@ def _wrapper(wrapped, instance, args, kwargs):
     try:
         _publish(plan, decision, attempts, seconds, result, planning)
     except Exception as exc:  # reporting must never cost the caller their model
-        internal_errors.append(f"report: {type(exc).__name__}: {exc}")
+        _absorbed(f"report: {type(exc).__name__}: {exc}")
         report_module.log_once(
             f"report-error:{type(exc).__name__}", logging.WARNING, f"could not report a load ({type(exc).__name__}: {exc})"
         )
@@ -212,7 +219,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 
     try:
         seen = observe(model, keys)
     except Exception as exc:  # the record says "unknown" rather than losing the load
-        internal_errors.append(f"observe: {type(exc).__name__}: {exc}")
+        _absorbed(f"observe: {type(exc).__name__}: {exc}")
         seen = {}
     first = {c.component.key: c for c in plan.decision.choices}
     switch = phases.plan_for({k: v.backend for k, v in seen.items()}, composite=bool(keys))
