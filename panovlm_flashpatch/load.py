@@ -74,9 +74,13 @@ def culprit_keys(message: str, decision: Decision) -> set[str]:
     return upgraded
 
 
-def _dtype_name(value) -> str | None:
-    if value is None:
-        return None
+def dtype_name(value) -> str | None:
+    """A dtype as a plain name: ``torch.bfloat16`` -> ``"bfloat16"``, ``"auto"`` stays, a per-component
+    dict -> ``"per-component"``, None stays None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return "per-component"
     return str(value).replace("torch.", "")
 
 
@@ -148,12 +152,12 @@ def _load_with_fallback(wrapped, args, kwargs, decision: Decision, dtype_kwarg: 
             if not raised_by_attention_check(exc):
                 raise
             message = str(exc)
-            attempts.append(Attempt(kw["attn_implementation"], decision.inject_dtype or _dtype_name(caller_dtype(kwargs)), _short(exc)))
+            attempts.append(Attempt(kw["attn_implementation"], decision.inject_dtype or dtype_name(caller_dtype(kwargs)), _short(exc)))
             keys = culprit_keys(message, decision)
             decision = decision.without_fa2(keys, f"flash_attention_2 refused at load ({_gist(exc)}); fell back to the caller's setting")
             del exc
         else:
-            attempts.append(Attempt(kw["attn_implementation"], decision.inject_dtype or _dtype_name(caller_dtype(kwargs))))
+            attempts.append(Attempt(kw["attn_implementation"], decision.inject_dtype or dtype_name(caller_dtype(kwargs))))
             return result, decision, tuple(attempts), time.perf_counter() - start
         # A refused attempt may have left modules on the GPU, held by reference cycles of its
         # traceback: collect them, but only then (a full collection costs tens of milliseconds).
@@ -162,5 +166,5 @@ def _load_with_fallback(wrapped, args, kwargs, decision: Decision, dtype_kwarg: 
         if cuda and torch.cuda.memory_allocated() > allocated:
             gc.collect()
     result = wrapped(*args, **kwargs)
-    attempts.append(Attempt(caller_attn, _dtype_name(caller_dtype(kwargs))))
+    attempts.append(Attempt(caller_attn, dtype_name(caller_dtype(kwargs))))
     return result, decision, tuple(attempts), time.perf_counter() - start

@@ -13,7 +13,7 @@ from . import probe as probe_module
 from .compat import TransformersFacts, config_base_class, requested_attn
 from .components import components_of
 from .decide import Decision, Placement, Request, decide
-from .load import caller_dtype
+from .load import caller_dtype, dtype_name
 from .settings import Settings
 
 _OFFLOAD_TARGETS = ("cpu", "disk", "meta")
@@ -54,16 +54,6 @@ def _config_for(cls, args, kwargs):
         raise CannotPlan(f"could not read the config locally ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
-def _dtype_name(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return "per-component"
-    return str(value).replace("torch.", "")
-
-
 def _request(config, kwargs, keys) -> tuple[Request, object]:
     kwarg = kwargs.get("attn_implementation")
     root = kwarg if kwarg is not None else requested_attn(config)
@@ -86,8 +76,8 @@ def _request(config, kwargs, keys) -> tuple[Request, object]:
     request = Request(
         attn=attn,
         root_attn=root_attn,
-        dtype=_dtype_name(caller_dtype(kwargs)),
-        checkpoint_dtype=_dtype_name(checkpoint_dtype),
+        dtype=dtype_name(caller_dtype(kwargs)),
+        checkpoint_dtype=dtype_name(checkpoint_dtype),
     )
     return request, root
 

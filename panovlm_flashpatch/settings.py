@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
+
+from . import reporting
 
 # Names (documented in README.md, "Environment variables").
 DISABLE_FLASH_ATTN = "DISABLE_FLASH_ATTN"
@@ -30,9 +31,6 @@ _FALSE = ("", "0", "false", "no", "off")
 _ON_UNKNOWN = {DISABLE_FLASH_ATTN: True, KEEP_SDPA: True, AUTO: False, GENERATE_FA2: False, ENCODERS_FA2: False}
 _DEFAULT = {DISABLE_FLASH_ATTN: False, KEEP_SDPA: False, AUTO: True, GENERATE_FA2: False, ENCODERS_FA2: False}
 
-_log = logging.getLogger("panovlm_flashpatch")
-_reported: set[tuple[str, str]] = set()
-_reported_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,17 +87,9 @@ def read(environ=None) -> Settings:
     encoders, p5 = parse_flag(ENCODERS_FA2, environ)
     problems = tuple(p for p in (p1, p2, p3, p4, p5) if p)
     for problem in problems:
-        _report_once(problem)
+        # Keyed by the message, as phases.py reports GENERATE_FA2: one warning per bad value.
+        reporting.log_once(problem, logging.WARNING, problem)
     return Settings(disabled=disabled, keep_explicit_sdpa=keep, auto=auto, encoders_fa2=encoders, problems=problems)
-
-
-def _report_once(problem: str) -> None:
-    key = ("problem", problem)
-    with _reported_lock:
-        if key in _reported:
-            return
-        _reported.add(key)
-    _log.warning(problem)
 
 
 def known_variables() -> dict[str, str | None]:
