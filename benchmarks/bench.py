@@ -2,11 +2,13 @@
 
     python benchmarks/bench.py WORKLOAD MODE CKPT_DIR  ->  one JSON line on stdout
 
-WORKLOAD: train (Qwen3-0.6B-shaped LM, forward+backward, batch 8 right-padded, lengths 128..1024),
+WORKLOAD: train (Qwen3-0.6B-shaped LM, forward+backward, batch 8 right-padded, lengths 128..1024;
+train512 and train64: lengths 512..1024 and 64..1024, less and more padding; train16: batch 16),
 generate (8 left-padded prompts of 256..512 tokens, 128 new tokens, greedy), vision (SigLIP-base
 vision tower, forward+backward, batch 64 at 224 px), load (from_pretrained wall time; mode
 "retry" measures a load whose FlashAttention-2 attempt transformers refuses).
-MODE: plain (transformers as it is: SDPA) or plugin (panovlm_flashpatch applied).
+MODE: plain (transformers as it is: SDPA), plugin (panovlm_flashpatch applied), packed (applied with
+padding_free=True: padded training forwards run packed) or loss_only (padding_free="loss_only").
 Checkpoints are random-initialised, made by run.py, and loaded through from_pretrained.
 """
 
@@ -71,16 +73,20 @@ def _lengths(low: int, high: int, n: int, seed: int) -> list[int]:
     return torch.randint(low, high + 1, (n,), generator=g).tolist()
 
 
-def bench_train(path: str) -> dict:
+#: (shortest, longest, batch) of each training workload.
+TRAIN_SHAPES = {"train": (128, 1024, 8), "train512": (512, 1024, 8), "train64": (64, 1024, 8), "train16": (128, 1024, 16)}
+
+
+def bench_train(path: str, low: int = 128, high: int = 1024, batch_size: int = 8) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
     model.train()
-    lengths = _lengths(128, 1024, 8, seed=0)
+    lengths = _lengths(low, high, batch_size, seed=0)
     width = max(lengths)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 151_000, (8, width), generator=g)
-    mask = torch.zeros(8, width, dtype=torch.long)
+    ids = torch.randint(0, 151_000, (batch_size, width), generator=g)
+    mask = torch.zeros(batch_size, width, dtype=torch.long)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1  # right padding
     labels = ids.masked_fill(mask == 0, -100)
@@ -96,7 +102,7 @@ def bench_train(path: str) -> dict:
     times = _time_cuda(step, warmup=2, repeat=10)
     real = sum(lengths)
     return {"seconds": statistics.median(times), "per_second": real / statistics.median(times), "unit": "tokens/s",
-            "peak_gib": _peak_gib(), "real_tokens": real, "padded_tokens": 8 * width, "model": model}
+            "peak_gib": _peak_gib(), "real_tokens": real, "padded_tokens": batch_size * width, "model": model}
 
 
 def bench_generate(path: str) -> dict:
@@ -180,10 +186,10 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     paths = make_checkpoints(root)
-    if mode in ("plugin", "retry"):
+    if mode in ("plugin", "retry", "packed", "loss_only"):
         import panovlm_flashpatch
 
-        assert panovlm_flashpatch.apply()
+        assert panovlm_flashpatch.apply(padding_free={"packed": True, "loss_only": "loss_only"}.get(mode, False))
     else:
         assert mode == "plain"
         try:
@@ -192,8 +198,8 @@ def main() -> int:
             panovlm_flashpatch.remove()
         except ImportError:
             pass
-    if workload == "train":
-        result = bench_train(paths["lm"])
+    if workload in TRAIN_SHAPES:
+        result = bench_train(paths["lm"], *TRAIN_SHAPES[workload])
     elif workload == "generate":
         result = bench_generate(paths["lm"])
     elif workload == "vision":
@@ -212,7 +218,8 @@ def main() -> int:
     if records:
         result["overhead_ms"] = records[0]["overhead_ms"]
     result.update(workload=workload, mode=mode, backend=backend, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                  phases=records[0].get("phases", {}) if records else {}, retried=bool(records and records[0]["retried"]))
+                  phases=records[0].get("phases", {}) if records else {}, retried=bool(records and records[0]["retried"]),
+                  padding_free=records[0].get("padding_free") if records else None)
     print("RESULT " + json.dumps(result))
     return 0
 

@@ -19,10 +19,14 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = {"train": ("plain", "plugin"), "generate": ("plain", "plugin"), "vision": ("plain", "plugin"),
-         "load": ("plain", "plugin", "retry")}
+MODES = {"train": ("plain", "plugin", "packed", "loss_only"), "train512": ("plain", "packed"), "train64": ("plain", "packed"),
+         "train16": ("plain", "packed"),
+         "generate": ("plain", "plugin"), "vision": ("plain", "plugin"), "load": ("plain", "plugin", "retry")}
 TITLES = {
     "train": "(a) Qwen3-0.6B-shaped LM, fwd+bwd, batch 8 right-padded 128..1024",
+    "train512": "(a2) the same, lengths 512..1024",
+    "train64": "(a3) the same, lengths 64..1024",
+    "train16": "(a4) the same lengths, batch 16",
     "generate": "(b) generation, 8 left-padded prompts 256..512, 128 new tokens, greedy",
     "vision": "(c) SigLIP-base vision tower, fwd+bwd, batch 64 at 224 px",
     "load": "(d) from_pretrained to GPU, Qwen3-0.6B-shaped (retry: one refused FA2 attempt)",
@@ -67,6 +71,7 @@ def summarize(runs: dict) -> list[dict]:
             # Repeat i of every mode ran back to back (interleaved), so each pair shares the machine's
             # state at that moment; the headline is the median of these pair ratios.
             ratios = [r["per_second"] / p["per_second"] for r, p in zip(results, by_mode["plain"])]
+            memory = [r["peak_gib"] / p["peak_gib"] for r, p in zip(results, by_mode["plain"])]
             rows.append({
                 "workload": workload, "mode": mode, "backend": results[0]["backend"], "dtype": results[0]["dtype"],
                 "phases": results[0].get("phases", {}), "seconds": statistics.median(r["seconds"] for r in results),
@@ -74,17 +79,20 @@ def summarize(runs: dict) -> list[dict]:
                 "peak_gib": statistics.median(r["peak_gib"] for r in results),
                 "overhead_ms": statistics.median(r["overhead_ms"] for r in results) if "overhead_ms" in results[0] else None,
                 "ratio": statistics.median(ratios), "ratio_pairs": [round(x, 3) for x in ratios], "repeats": len(results),
+                "memory_ratio": statistics.median(memory),
+                "real_share": (results[0]["real_tokens"] / results[0]["padded_tokens"]) if "real_tokens" in results[0] else None,
             })
     return rows
 
 
 def markdown(rows: list[dict], env: dict, command: str) -> str:
-    out = ["| workload | mode | backend | dtype | time (s) | throughput | peak GiB | plugin's own time per load (ms) | ratio to plain: median of pairs (each pair) |",
+    out = ["| workload | mode | backend | dtype | time (s) | throughput | peak GiB (ratio to plain) | plugin's own time per load (ms) | ratio to plain: median of pairs (each pair) |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         backend = r["backend"] + (f" ({', '.join(f'{k}: {v}' for k, v in r['phases'].items())})" if r["phases"] else "")
-        out.append(f"| {TITLES[r['workload']]} | {r['mode']} | {backend} | {r['dtype']} | {r['seconds']:.4f} | "
-                   f"{r['per_second']:.1f} {r['unit']} | {r['peak_gib']:.2f} | {'-' if r.get('overhead_ms') is None else format(r['overhead_ms'], '.2f')} | {r['ratio']:.3f} ({', '.join(map(str, r['ratio_pairs']))}) |")
+        share = f" ({r['real_share']:.0%} real tokens)" if r.get("real_share") else ""
+        out.append(f"| {TITLES[r['workload']]}{share} | {r['mode']} | {backend} | {r['dtype']} | {r['seconds']:.4f} | "
+                   f"{r['per_second']:.1f} {r['unit']} | {r['peak_gib']:.2f} ({r.get('memory_ratio', 1.0):.2f}) | {'-' if r.get('overhead_ms') is None else format(r['overhead_ms'], '.2f')} | {r['ratio']:.3f} ({', '.join(map(str, r['ratio_pairs']))}) |")
     env_line = ", ".join(f"{k} {v}" for k, v in env.items())
     return f"Command: `{command}`\n\nEnvironment: {env_line}\n\n" + "\n".join(out) + "\n"
 

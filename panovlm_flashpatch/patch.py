@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 
+from . import padding_free as padding_free_module
 from . import phases
 from . import reporting as report_module
 from . import settings as settings_module
@@ -32,6 +33,7 @@ class _PatchState:
         self.installed = None  # the wrapt FunctionWrapper we put there
         self.active = True  # False once something wrapped on top of us and remove() could not unwind
         self.keep_explicit_sdpa: bool | None = None
+        self.padding_free: bool | str | None = None
 
 
 _State = _PatchState()
@@ -63,12 +65,16 @@ def is_applied() -> bool:
     return bool(getattr(entry, _MARKER, False)) and _State.active
 
 
-def apply(keep_explicit_sdpa: bool | None = None) -> bool:
+def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | None = None) -> bool:
     """Wraps ``PreTrainedModel.from_pretrained``. Idempotent and thread-safe.
 
     Args:
         keep_explicit_sdpa: keep a caller's explicit ``attn_implementation="sdpa"`` instead of
             upgrading it; None reads ``PANOVLM_FLASHPATCH_KEEP_SDPA`` at every load.
+        padding_free: True: causal LMs loaded from now on run padded training forwards packed
+            (padding_free.py); ``"loss_only"``: the same, and a training output that has a loss
+            carries no logits (saves re-padding them); None reads ``PANOVLM_FLASHPATCH_PADDING_FREE``
+            at every load.
 
     Returns:
         True when the patch is in place, False when the plugin stands aside (an unsupported
@@ -76,9 +82,13 @@ def apply(keep_explicit_sdpa: bool | None = None) -> bool:
     """
     import wrapt
 
+    if padding_free not in (None, True, False, settings_module.LOSS_ONLY):
+        raise ValueError(f"padding_free={padding_free!r}: use True, False, {settings_module.LOSS_ONLY!r} or None "
+                         f"(None reads {settings_module.PADDING_FREE})")
     logger = report_module.get_logger()
     with _State.lock:
         _State.keep_explicit_sdpa = keep_explicit_sdpa
+        _State.padding_free = padding_free
         facts = transformers_facts()
         if not facts.supported:
             report_module.log_once(
@@ -120,6 +130,7 @@ def remove() -> bool:
             return cancelled
         cls = _pretrained_model_class()
         phases.uninstall()
+        padding_free_module.uninstall()
         if cls.__dict__.get("from_pretrained") is _State.installed:
             setattr(cls, "from_pretrained", _State.original)
             _State.installed = _State.original = None
@@ -153,11 +164,13 @@ def auto_apply() -> bool:
 
 
 def _settings():
+    import dataclasses
+
     current = settings_module.read()
     if _State.keep_explicit_sdpa is not None:
-        import dataclasses
-
         current = dataclasses.replace(current, keep_explicit_sdpa=_State.keep_explicit_sdpa)
+    if _State.padding_free is not None:
+        current = dataclasses.replace(current, padding_free=_State.padding_free)
     return current
 
 
@@ -195,7 +208,7 @@ def _wrapper(wrapped, instance, args, kwargs):
         wrapped, args, kwargs, plan.decision, facts.dtype_kwarg, plan.caller_attn
     )
     try:
-        _publish(plan, decision, attempts, seconds, result, planning)
+        _publish(plan, decision, attempts, seconds, result, planning, packing=current.padding_free)
     except Exception as exc:  # reporting must never cost the caller their model
         _absorbed(f"report: {type(exc).__name__}: {exc}")
         report_module.log_once(
@@ -212,7 +225,7 @@ def _jsonable(value):
     return str(value)
 
 
-def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 0.0) -> None:
+def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 0.0, packing: bool | str = False) -> None:
     started = time.perf_counter()
     model = result[0] if isinstance(result, tuple) else result
     keys = tuple(c.component.key for c in decision.choices if c.component.key)
@@ -224,6 +237,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 
     first = {c.component.key: c for c in plan.decision.choices}
     switch = phases.plan_for({k: v.backend for k, v in seen.items()}, composite=bool(keys))
     armed = phases.arm(model, switch)
+    packing_status = padding_free_module.arm(model, loss_only=packing == settings_module.LOSS_ONLY) if packing else None
     # Time spent in the plugin's own code for this load (not in transformers): planning + observing.
     overhead_ms = round((planning + time.perf_counter() - started) * 1000, 3)
     records = []
@@ -237,6 +251,8 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 
         on_fa2 = bool(obs) and obs.backend == phases.FA2
         if on_fa2 and armed:
             reason = f"{reason}; generate() runs on sdpa (faster for decoding)"
+        if packing_status is not None:
+            reason = f"{reason}; {packing_status.describe()}"
         records.append(
             {
                 "checkpoint": plan.checkpoint,
@@ -253,6 +269,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 
                 "rejected": {k: v for k, v in choice.rejected.items()},
                 "attempts": [_jsonable(a.to_dict()) for a in attempts],
                 "phases": {"generate": "sdpa"} if on_fa2 and armed else {},
+                "padding_free": packing_status.describe() if packing_status else None,
                 "seconds": round(seconds, 4),
                 "overhead_ms": overhead_ms,
             }

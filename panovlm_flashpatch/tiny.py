@@ -53,6 +53,18 @@ def build_lm(path: str, **overrides) -> str:
     return _save(transformers.AutoModelForCausalLM.from_config(lm_config(**overrides)), path)
 
 
+def build_causal_lm(path: str, family: str) -> str:
+    """A tiny causal LM of another family: "qwen2", "llama", "mistral" or "gpt2" (for padding-free)."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    else:
+        cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig,
+               "mistral": transformers.MistralConfig}[family]
+        config = cls(**_LM)
+    return _save(transformers.AutoModelForCausalLM.from_config(config), path)
+
+
 def siglip_vision_config():
     return transformers.SiglipVisionConfig(image_size=32, patch_size=8, **_VISION)
 

@@ -59,11 +59,14 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _clean_state(monkeypatch):
     """Every test starts unpatched, with an empty report and none of our variables set."""
-    for name in (settings_module.DISABLE_FLASH_ATTN, settings_module.KEEP_SDPA, settings_module.AUTO):
+    for name in settings_module.known_variables():
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     panovlm_flashpatch.remove()
     panovlm_flashpatch.clear_report()
+    from panovlm_flashpatch import reporting
+
+    reporting._once.clear()  # "logged once" is per process; each test checks its own messages
     default_dtype = torch.get_default_dtype()
     from panovlm_flashpatch import patch as patch_module
 

@@ -17,44 +17,14 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import panovlm_flashpatch
-from panovlm_flashpatch import probe as probe_module
 from panovlm_flashpatch import tiny
 
+from gpu.conftest import skip_without_fa2
+
 pytestmark = pytest.mark.gpu
-
-_caps = probe_module.probe() if torch.cuda.is_available() else None
-if _caps is None or _caps.fa2_blockers():
-    pytest.skip(
-        f"needs a CUDA GPU (sm >= 8.0) with a working flash-attn: {_caps.fa2_blockers() if _caps else 'no CUDA'}",
-        allow_module_level=True,
-    )
-
-import flash_attn_2_cuda  # noqa: E402  (importable: the probe said so)
+skip_without_fa2()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts calls into flash-attn's compiled forward kernels (not what a config says)."""
-    calls = []
-    for name in ("fwd", "varlen_fwd"):
-        real = getattr(flash_attn_2_cuda, name)
-        monkeypatch.setattr(flash_attn_2_cuda, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    return calls
-
-
-@pytest.fixture
-def applied():
-    from panovlm_flashpatch import patch as patch_module
-
-    panovlm_flashpatch.remove()
-    panovlm_flashpatch.clear_report()
-    patch_module.internal_errors.clear()
-    assert panovlm_flashpatch.apply()
-    yield
-    panovlm_flashpatch.remove()
-    assert patch_module.internal_errors == []
 
 
 def test_language_model_runs_flash_attention_2_in_bf16(applied, tmp_path, kernel_calls):

@@ -1,0 +1,435 @@
+"""Padding-free training: a padded training forward of a causal LM runs packed, then is unpacked.
+
+Why: on a padded batch every layer computes the padding too. Measured on an H100 (issue 5, shared
+GPU README): the same 8 sequences of 128..1024 tokens (51% real) run 0.204 s/step and 31.8 GiB
+padded on SDPA, 0.126 s/step and 16.1 GiB packed into one row on FlashAttention-2. Users get that
+today only by rewriting their collator (TRL's ``padding_free``, ``DataCollatorWithFlattening``);
+this module gives it to unmodified training code, behind a switch that is off by default.
+
+What one packed forward does (``_forward_wrapper``):
+
+1. Host-side gates, no device work: the model is armed (loaded through the plugin with the switch
+   on, a verified architecture), in training mode, on a backend that separates packed sequences by
+   ``position_ids`` in this transformers, and the call has nothing we cannot reproduce (a cache, a
+   4D mask, an unknown argument).
+2. One device-to-host read of a few flags (``_inspect``): is there padding, is every row one
+   contiguous run of tokens, do the labels allow packing (see below), the number of real tokens.
+3. The real tokens (``input_ids`` or ``inputs_embeds``) are gathered into one row with restarting
+   ``position_ids``; labels are gathered too and ignored at each sequence start, so no token
+   predicts across a boundary. The model runs once on that row with ``use_cache=False``.
+4. Logits, hidden states and attentions are scattered back to the caller's padded shapes; padding
+   positions hold zeros. ``past_key_values`` is None (a training forward has no use for it).
+
+When packing would change the result, the forward takes the normal path instead (logged once per
+reason): a left-padded row whose first real label is not ignored (the padded run predicts it from a
+pad position, a packed run cannot), a left-padded batch without labels (the caller's own loss may
+count that prediction), labels that are not ignored at padding positions, padding inside a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import sys
+import threading
+import weakref
+
+from . import reporting
+
+FA2 = "flash_attention_2"
+_MARKER = "_self_panovlm_flashpatch_padding_free"
+IGNORE_INDEX = -100
+
+#: Model types whose packed forward is verified equal to the padded one (tests/test_padding_free.py on
+#: the CPU; tests/gpu on FlashAttention-2). A model whose attention does not receive ``position_ids``
+#: would let packed sequences attend to each other, silently (GPT-2 is one), so this is a list, not a
+#: guess from the class.
+VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+#: Arguments a packed forward reproduces; any other argument with a non-default value takes the
+#: normal path. ``num_items_in_batch`` (Trainer's loss normaliser) passes through unchanged.
+_HANDLED = frozenset({
+    "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "cache_position", "logits_to_keep",
+    "num_logits_to_keep", "num_items_in_batch",
+})
+
+_lock = threading.RLock()
+_armed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_installed: dict[type, tuple[object, object]] = {}  # class defining forward -> (original entry, our wrapper)
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """Whether a loaded model packs its padded training forwards, and why (for the report)."""
+
+    armed: bool
+    reason: str
+    #: Armed and the backend it loaded with keeps packed sequences apart (packing happens now).
+    active: bool = False
+    #: A packed training output that has a loss carries no logits (``padding_free="loss_only"``).
+    loss_only: bool = False
+
+    def describe(self) -> str:
+        state = "on" if self.active else ("armed, inactive" if self.armed else "off")
+        extra = "; outputs with a loss carry no logits (loss_only)" if self.armed and self.loss_only else ""
+        return f"padding-free {state}: {self.reason}{extra}"
+
+
+def sdpa_separates_packed() -> bool:
+    """transformers >= 4.53 builds SDPA/eager masks that keep packed sequences apart (by position_ids)."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return False
+    return hasattr(masking_utils, "find_packed_sequence_indices")
+
+
+def _module_builds_packed_masks(model_class) -> bool:
+    """The model's own code builds its mask with ``create_causal_mask`` (where the packing detection lives)."""
+    module = sys.modules.get(model_class.__module__)
+    return module is not None and hasattr(module, "create_causal_mask")
+
+
+def backend_reason(model, backend) -> str | None:
+    """None when ``backend`` keeps packed sequences apart for this model, else why not."""
+    if backend == FA2:
+        return None
+    if backend in ("sdpa", "eager"):
+        import transformers
+
+        if not sdpa_separates_packed():
+            return (f"transformers {transformers.__version__} keeps packed sequences apart on {backend} only from 4.53 "
+                    "(FlashAttention-2 does on every supported version)")
+        if not _module_builds_packed_masks(type(model)):
+            return f"{type(model).__name__} does not build its {backend} mask with create_causal_mask"
+        return None
+    return f"{backend!r} is not verified to keep packed sequences apart (flash_attention_2, sdpa, eager are)"
+
+
+def status_for(model) -> Status:
+    """Can this loaded model be armed at all (its architecture and forward, not the backend of the moment)."""
+    cls = type(model)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in VERIFIED_MODEL_TYPES:
+        return Status(False, f"model type {model_type!r} is not verified for packing "
+                              f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
+    if not _is_causal_lm(cls):
+        return Status(False, f"{cls.__name__} is not a causal language model (padding-free packs causal-LM forwards)")
+    params = _parameters(_defining_forward(cls)[1])
+    missing = [p for p in ("attention_mask", "position_ids", "labels", "inputs_embeds") if p not in params]
+    if missing:
+        return Status(False, f"{cls.__name__}.forward takes no {', '.join(missing)}")
+    backend = getattr(config, "_attn_implementation", None)
+    why_not = backend_reason(model, backend)
+    if why_not:
+        return Status(True, f"on {backend} padded training forwards stay padded: {why_not}")
+    return Status(True, f"padded training forwards run packed into one row ({backend} keeps the sequences apart)",
+                  active=True)
+
+
+def _is_causal_lm(cls) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if cls.__name__ in ((names,) if isinstance(names, str) else tuple(names)):
+            return True
+    return False
+
+
+def arm(model, loss_only: bool = False) -> Status:
+    """Registers ``model`` for packing (and wraps its class's forward once)."""
+    status = dataclasses.replace(status_for(model), loss_only=loss_only)
+    if not status.armed:
+        return status
+    with _lock:
+        _install(type(model))
+        _armed[model] = status
+    return status
+
+
+def is_armed(model) -> bool:
+    with _lock:
+        return model in _armed
+
+
+def _defining_forward(cls) -> tuple[type, object]:
+    for klass in cls.__mro__:
+        if "forward" in vars(klass):
+            return klass, vars(klass)["forward"]
+    raise TypeError(f"{cls.__name__} has no forward")
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(function) -> tuple[str, ...]:
+    function = getattr(function, "__wrapped__", function)
+    return tuple(inspect.signature(function).parameters)
+
+
+@functools.lru_cache(maxsize=None)
+def _call_signature(function) -> tuple[inspect.Signature, str | None]:
+    """The forward's signature without ``self``, and the name of its ``**kwargs`` (None if it has none).
+
+    Cached on the function, never on a bound method (that would keep every model alive)."""
+    signature = inspect.signature(function)
+    params = list(signature.parameters.values())[1:]
+    var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    return signature.replace(parameters=params), var_kw
+
+
+def _bind(wrapped, args, kwargs) -> dict:
+    """The call's arguments by name, ``**kwargs`` flattened in (raises TypeError like the call would)."""
+    signature, var_kw = _call_signature(getattr(wrapped, "__func__", wrapped))
+    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+    if var_kw:
+        arguments.update(arguments.pop(var_kw, {}))
+    return arguments
+
+
+def _install(cls) -> None:
+    import wrapt
+
+    owner, entry = _defining_forward(cls)
+    if getattr(entry, _MARKER, False):
+        return
+    wrapt.wrap_function_wrapper(owner, "forward", _forward_wrapper)
+    wrapper = vars(owner)["forward"]
+    setattr(wrapper, _MARKER, True)
+    _installed[owner] = (entry, wrapper)
+
+
+def uninstall() -> None:
+    """Restores every forward we wrapped (armed models then run unpacked)."""
+    with _lock:
+        for owner, (original, wrapper) in list(_installed.items()):
+            if vars(owner).get("forward") is wrapper:
+                setattr(owner, "forward", original)
+            del _installed[owner]
+        _armed.clear()
+
+
+def _skip(model, key: str, message: str) -> None:
+    reporting.log_once(f"padding-free:{type(model).__name__}:{key}", reporting.info_level(),
+                       f"padding-free: {type(model).__name__} takes the normal (padded) path: {message}")
+
+
+def _forward_wrapper(wrapped, instance, args, kwargs):
+    with _lock:
+        status = _armed.get(instance) if instance is not None else None
+    if status is None or not instance.training:
+        return wrapped(*args, **kwargs)
+    try:
+        call = _bind(wrapped, args, kwargs)
+    except TypeError:
+        return wrapped(*args, **kwargs)  # let transformers raise its own error
+    try:
+        packing = _prepare(instance, call)
+    except Exception as exc:  # a bug of ours must never cost the caller a training step
+        _absorbed(instance, exc)
+        return wrapped(*args, **kwargs)
+    if packing is None:
+        return wrapped(*args, **kwargs)
+    layout, packed_call = packing
+    output = wrapped(**packed_call)
+    drop_logits = status.loss_only and getattr(output, "loss", None) is not None
+    return _unpack_output(output, layout, _wants_dict(instance, call), drop_logits)
+
+
+def _absorbed(model, exc: Exception) -> None:
+    from .patch import _absorbed as absorb
+
+    absorb(f"padding-free: {type(exc).__name__}: {exc}")
+    reporting.log_once(f"padding-free-error:{type(exc).__name__}", logging.WARNING,
+                       f"padding-free: could not pack a forward of {type(model).__name__} ({type(exc).__name__}: {exc}); "
+                       "it ran padded. Please report this.")
+
+
+def _wants_dict(model, call) -> bool:
+    if call.get("return_dict") is not None:
+        return bool(call["return_dict"])
+    config = model.config
+    return bool(getattr(config, "return_dict", True)) and not getattr(config, "torchscript", False)
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where the real tokens of a padded (B, L) batch sit in the packed row of T tokens."""
+
+    batch: int
+    length: int
+    flat_index: object  # (T,) positions of the real tokens in the flattened (B*L) batch
+    total: int
+
+
+def _prepare(model, call: dict):
+    """Host-side gates, then one device read; returns ``(layout, packed_call)`` or None (normal path)."""
+    import torch
+
+    mask = call.get("attention_mask")
+    ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+    tokens = ids if ids is not None else embeds
+    if mask is None or tokens is None or (ids is not None and embeds is not None):
+        return None  # nothing to unpad (e.g. a batch the caller packed itself), or a call transformers rejects
+    backend = model.config._attn_implementation
+    why_not = backend_reason(model, backend)
+    if why_not:
+        _skip(model, f"backend:{backend}", why_not)
+        return None
+    extra = sorted(k for k, v in call.items() if k not in _HANDLED and v is not None)
+    if extra:
+        _skip(model, "args:" + ",".join(extra), f"it cannot reproduce the argument(s) {', '.join(extra)}")
+        return None
+    if call.get("past_key_values") is not None or call.get("cache_position") is not None:
+        _skip(model, "cache", "the call passes a cache (past_key_values or cache_position)")
+        return None
+    if call.get("use_cache"):
+        _skip(model, "use_cache", "the call asks for use_cache=True")
+        return None
+    if call.get("logits_to_keep") or call.get("num_logits_to_keep"):
+        _skip(model, "logits_to_keep", "the call asks for logits_to_keep")
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(tokens.shape[:2]):
+        _skip(model, "mask", "the attention mask is not a 2D (batch, length) padding mask (a custom 4D mask?)")
+        return None
+    labels, positions = call.get("labels"), call.get("position_ids")
+    inspection = _inspect(mask, labels, positions)
+    if not inspection["padded"]:
+        return None  # no padding: packing gains nothing
+    problem = _problem(inspection, labels is not None, positions is not None)
+    if problem:
+        _skip(model, problem[0], problem[1])
+        return None
+    layout, packed = _pack(call, inspection, backend)
+    reporting.log_once(f"padding-free-first:{type(model).__name__}", reporting.info_level(),
+                       f"padding-free: {type(model).__name__} runs padded training batches packed "
+                       f"(first: {layout.batch}x{layout.length} -> 1x{layout.total}, "
+                       f"{layout.total / (layout.batch * layout.length):.0%} real tokens, {backend})")
+    return layout, packed
+
+
+def _inspect(mask, labels, positions) -> dict:
+    """Everything the gates need from the device, in one transfer."""
+    import torch
+
+    present = mask.bool()
+    batch, length = present.shape
+    steps = torch.arange(length, device=present.device)
+    count = present.sum(1)
+    first = present.to(torch.int8).argmax(1)  # first real token (0 for an empty row)
+    contiguous = (present == ((steps >= first[:, None]) & (steps < (first + count)[:, None]))).all()
+    left = (first > 0) & (count > 0)
+    flags = {
+        "padded": (count < length).any(),
+        "contiguous": contiguous,
+        "left": left.any(),
+        "empty_rows": (count == 0).any(),
+        "total": count.sum(),
+        "longest": count.max(),
+    }
+    if labels is not None:
+        ignored = labels == IGNORE_INDEX
+        flags["pad_labels_ignored"] = (ignored | present).all()
+        first_label_ignored = ignored.gather(1, first[:, None]).squeeze(1)
+        flags["left_first_label_ignored"] = (first_label_ignored | ~left).all()
+    if positions is not None:
+        expected = steps[None, :] - first[:, None]
+        flags["positions_restart"] = ((positions.expand(batch, length) - expected).masked_fill(~present, 0) == 0).all()
+    names = list(flags)
+    values = torch.stack([torch.as_tensor(flags[n], device=present.device).long() for n in names]).tolist()
+    result = dict(zip(names, values))
+    result.update(first=first, count=count, present=present)
+    return result
+
+
+def _problem(info: dict, has_labels: bool, has_positions: bool) -> tuple[str, str] | None:
+    if not info["contiguous"]:
+        return "holes", "a row's attention mask has padding between real tokens"
+    if has_positions and not info["positions_restart"]:
+        return "positions", "the given position_ids do not count 0, 1, 2, ... from each sequence's first real token"
+    if has_labels and not info["pad_labels_ignored"]:
+        return "pad-labels", ("labels at padding positions are not -100: the padded loss counts them, a packed one "
+                              "cannot (set them to -100)")
+    if info["left"] and has_labels and not info["left_first_label_ignored"]:
+        return "left-labels", ("left padding with the first real token's label not -100: the padded run predicts it "
+                               "from a pad position, which a packed run cannot reproduce (pad on the right, or set "
+                               "that label to -100)")
+    if info["left"] and not has_labels:
+        return "left-no-labels", ("left padding without labels: a loss computed from the logits may count the "
+                                  "prediction made at a pad position (pad on the right, or pass labels)")
+    return None
+
+
+def _pack(call: dict, info: dict, backend: str):
+    import torch
+    import torch.nn.functional as F
+
+    present, first, count = info["present"], info["first"], info["count"]
+    batch, length = present.shape
+    total = info["total"]
+    # Indices of the real tokens, in order, without a host sync: a stable sort puts them first.
+    flat_index = torch.argsort((~present).flatten().to(torch.int8), stable=True)[:total]
+    steps = torch.arange(length, device=present.device)
+    positions = (steps[None, :] - first[:, None]).flatten().index_select(0, flat_index)
+    packed = {k: v for k, v in call.items() if k not in ("attention_mask", "input_ids", "inputs_embeds", "labels",
+                                                         "position_ids", "past_key_values", "cache_position", "logits_to_keep",
+                                                         "num_logits_to_keep")}
+    packed.update(attention_mask=None, position_ids=positions[None, :], use_cache=False, return_dict=True)
+    if call.get("input_ids") is not None:
+        packed["input_ids"] = call["input_ids"].flatten().index_select(0, flat_index)[None, :]
+    else:
+        embeds = call["inputs_embeds"]
+        packed["inputs_embeds"] = embeds.reshape(batch * length, embeds.shape[-1]).index_select(0, flat_index)[None]
+    if call.get("labels") is not None:
+        labels = call["labels"].flatten().index_select(0, flat_index)
+        packed["labels"] = labels.masked_fill(positions == 0, IGNORE_INDEX)[None, :]
+    if backend == FA2 and not info["empty_rows"] and _passes_varlen_kwargs():
+        # Saves FlashAttention-2 re-deriving the boundaries from position_ids in every layer (a
+        # nonzero and host syncs per layer); the position_ids stay for the rotary embeddings.
+        lengths = F.pad(count.cumsum(0), (1, 0)).to(torch.int32)
+        packed.update(cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=info["longest"],
+                      max_length_k=info["longest"])
+    return Layout(batch=batch, length=length, flat_index=flat_index, total=total), packed
+
+
+@functools.lru_cache(maxsize=1)
+def _passes_varlen_kwargs() -> bool:
+    """transformers >= 4.53 routes ``cu_seq_lens_*``/``max_length_*`` from the model call to the FA2 kernel."""
+    from .compat import parse_version
+    import transformers
+
+    return parse_version(transformers.__version__)[:2] >= (4, 53)
+
+
+def _scatter(tensor, layout: Layout):
+    """(1, T, ...) -> (B, L, ...), zeros at padding positions; differentiable."""
+    rows = tensor[0]
+    out = rows.new_zeros((layout.batch * layout.length,) + tuple(rows.shape[1:]))
+    return out.index_copy(0, layout.flat_index, rows).view(layout.batch, layout.length, *rows.shape[1:])
+
+
+def _scatter_attention(weights, layout: Layout):
+    """(1, heads, T, T) -> (B, heads, L, L): each row's own block, zeros elsewhere."""
+    import torch
+
+    slot = torch.full((layout.batch * layout.length,), -1, dtype=torch.long, device=weights.device)
+    slot[layout.flat_index] = torch.arange(layout.total, device=weights.device)
+    slot = slot.view(layout.batch, layout.length)
+    safe = slot.clamp(min=0)
+    picked = weights[0][:, safe[:, :, None], safe[:, None, :]]  # (heads, B, L, L)
+    keep = (slot[:, :, None] >= 0) & (slot[:, None, :] >= 0)
+    return (picked * keep.to(picked.dtype)).permute(1, 0, 2, 3)
+
+
+def _unpack_output(output, layout: Layout, wants_dict: bool, drop_logits: bool = False):
+    if drop_logits:
+        output["logits"] = None  # loss_only: the caller said it reads only the loss
+    elif getattr(output, "logits", None) is not None:
+        output["logits"] = _scatter(output.logits, layout)
+    if getattr(output, "hidden_states", None) is not None:
+        output["hidden_states"] = tuple(_scatter(h, layout) for h in output.hidden_states)
+    if getattr(output, "attentions", None) is not None:
+        output["attentions"] = tuple(_scatter_attention(a, layout) for a in output.attentions)
+    return output if wants_dict else output.to_tuple()
