@@ -13,6 +13,7 @@ import time
 
 from . import padding_free as padding_free_module
 from . import phases
+from . import ranks
 from . import reporting as report_module
 from . import settings as settings_module
 from .compat import transformers_facts
@@ -101,6 +102,7 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
         cls = _pretrained_model_class()
         entry = cls.__dict__.get("from_pretrained")
         phases.install()
+        ranks.install()
         if getattr(entry, _MARKER, False):
             _State.active = True
             return True
@@ -131,6 +133,7 @@ def remove() -> bool:
         cls = _pretrained_model_class()
         phases.uninstall()
         padding_free_module.uninstall()
+        ranks.uninstall()
         if cls.__dict__.get("from_pretrained") is _State.installed:
             setattr(cls, "from_pretrained", _State.original)
             _State.installed = _State.original = None
@@ -275,3 +278,9 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 
             }
         )
     report_module.publish(records, model=model)
+    try:
+        ranks.after_load(records)
+    except Exception as exc:  # the cross-rank check must never cost the caller their model
+        _absorbed(f"ranks: {type(exc).__name__}: {exc}")
+        report_module.log_once(f"ranks-error:{type(exc).__name__}", logging.WARNING,
+                               f"could not compare this load across ranks ({type(exc).__name__}: {exc})")

@@ -144,7 +144,8 @@ def test_fault_reused_config_and_kwargs_across_a_retry(capable, ckpts):
 def test_fault_table_lists_every_fault_with_an_existing_test():
     table = open(os.path.join(ROOT, "docs", "faults.md")).read()
     rows = [line for line in table.splitlines() if re.match(r"^\| \d+ \|", line)]
-    sources = "".join(open(os.path.join(ROOT, "tests", f)).read() for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py"))
+    sources = "".join(open(os.path.join(d, f)).read() for d, _, files in os.walk(os.path.join(ROOT, "tests"))
+                      for f in files if f.endswith(".py"))
     named = re.findall(r"`(test_[a-z0-9_]+)`", table)
     assert len(rows) >= 30 and f"{len(rows)} faults" in table
     missing = [name for name in named if f"def {name}(" not in sources]

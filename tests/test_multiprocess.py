@@ -2,7 +2,9 @@
 
 The training script does not import the plugin before loading: automatic activation (the .pth
 of this editable install) patches every rank. Every rank reaches the same decision, and only
-local rank 0 logs at INFO.
+local rank 0 logs at INFO. When ranks end on different backends (here: rank 1's caller asks for
+eager), the cross-rank check (ranks.py) warns and names the ranks, whether the process group was
+set up before the load or after it (Lightning's order).
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    dist.init_process_group("gloo")
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="sdpa")
+    mode = sys.argv[3] if len(sys.argv) > 3 else "same"
+    attn = "eager" if mode.startswith("rank1-eager") and os.environ["RANK"] == "1" else "sdpa"
+    if mode.endswith("load-first"):  # Lightning's order: models built before the process group
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation=attn)
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo")
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation=attn)
     import panovlm_flashpatch  # only to read the report; activation happened without it
     decisions = [None] * dist.get_world_size()
     mine = [(r["component"], r["decision"], r["backend"], r["dtype"]) for r in panovlm_flashpatch.report(model)]
@@ -73,3 +81,22 @@ def test_two_ranks_same_decision_one_info_line(tmp_path, ckpts, name, command):
     assert ranks[0]["all"][0] == ranks[0]["all"][1] == ranks[0]["mine"] == ranks[1]["mine"]
     lines = (done.stdout + done.stderr).count("[panovlm_flashpatch] language model")
     assert lines == 1, done.stderr[-3000:]
+    assert "ranks disagree" not in done.stderr
+
+
+@pytest.mark.parametrize("order", ["init-first", "load-first"])
+def test_ranks_on_different_backends_are_named(tmp_path, ckpts, order):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PANOVLM_FLASHPATCH", "DISABLE_FLASH_ATTN", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = next(c for n, c in launchers() if n == "torchrun")
+    done = subprocess.run([*command, str(script), ckpts["lm"], str(tmp_path), f"rank1-eager-{order}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "ranks disagree" in line]
+    assert warnings, done.stderr[-3000:]
+    # Named with the ranks and the odd one's reason; whichever rank finished last saw both.
+    assert any("sdpa/float32 on rank 0" in w and "eager/float32 on rank 1 (caller chose 'eager'" in w for w in warnings) or \
+        any("eager/float32 on rank 1" in w and "sdpa/float32 on rank 0 (" in w for w in warnings), warnings
+
