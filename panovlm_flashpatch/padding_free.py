@@ -1,10 +1,11 @@
 """Padding-free training: a padded training forward of a causal LM runs packed, then is unpacked.
 
-Why: on a padded batch every layer computes the padding too. Measured on an H100 (issue 5, shared
-GPU README): the same 8 sequences of 128..1024 tokens (51% real) run 0.204 s/step and 31.8 GiB
-padded on SDPA, 0.126 s/step and 16.1 GiB packed into one row on FlashAttention-2. Users get that
-today only by rewriting their collator (TRL's ``padding_free``, ``DataCollatorWithFlattening``);
-this module gives it to unmodified training code, behind a switch that is off by default.
+Why: on a padded batch every layer computes the padding too. Users get packing today only by
+rewriting their collator (TRL's ``padding_free``, ``DataCollatorWithFlattening``); this module gives it
+to unmodified training code, behind a switch that is off by default. Measured on an H100 against plain
+transformers (SDPA, padded), benchmarks/results/padding_free: 1.35x real-token throughput and 0.57 of
+the peak memory for a 0.6B LM at batch 8 (where the packed step is bound by kernel launches on the
+CPU), 1.88x and 0.55 at batch 16.
 
 What one packed forward does (``_forward_wrapper``):
 
@@ -87,9 +88,13 @@ def sdpa_separates_packed() -> bool:
     return hasattr(masking_utils, "find_packed_sequence_indices")
 
 
-def _module_builds_packed_masks(model_class) -> bool:
-    """The model's own code builds its mask with ``create_causal_mask`` (where the packing detection lives)."""
-    module = sys.modules.get(model_class.__module__)
+def _module_builds_packed_masks(model) -> bool:
+    """The decoder's code builds its mask with ``create_causal_mask`` (where the packing detection lives).
+
+    The decoder (``base_model``, e.g. Qwen3Model) rather than the loaded class: a user's subclass of
+    Qwen3ForCausalLM lives in the user's module, its decoder in transformers'."""
+    decoder = getattr(model, "base_model", model)
+    module = sys.modules.get(type(decoder).__module__)
     return module is not None and hasattr(module, "create_causal_mask")
 
 
@@ -103,7 +108,7 @@ def backend_reason(model, backend) -> str | None:
         if not sdpa_separates_packed():
             return (f"transformers {transformers.__version__} keeps packed sequences apart on {backend} only from 4.53 "
                     "(FlashAttention-2 does on every supported version)")
-        if not _module_builds_packed_masks(type(model)):
+        if not _module_builds_packed_masks(model):
             return f"{type(model).__name__} does not build its {backend} mask with create_causal_mask"
         return None
     return f"{backend!r} is not verified to keep packed sequences apart (flash_attention_2, sdpa, eager are)"
@@ -132,12 +137,13 @@ def status_for(model) -> Status:
 
 
 def _is_causal_lm(cls) -> bool:
+    """The class, or a transformers class it subclasses (a user's own subclass counts), is a causal LM."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        if cls.__name__ in ((names,) if isinstance(names, str) else tuple(names)):
-            return True
-    return False
+    names = set()
+    for entry in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update((entry,) if isinstance(entry, str) else entry)
+    return any(k.__name__ in names and k.__module__.startswith("transformers.") for k in cls.__mro__)
 
 
 def arm(model, loss_only: bool = False) -> Status:

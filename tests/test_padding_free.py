@@ -375,3 +375,18 @@ def test_fault_a_packing_bug_runs_the_step_padded(lms, monkeypatch, caplog):
     assert "could not pack a forward of Qwen" in caplog.text and "a bug of ours" in caplog.text
     assert patch_module.internal_errors == ["padding-free: IndexError: a bug of ours"]
     patch_module.internal_errors.clear()  # expected here; every other test asserts there are none
+
+
+@needs_packed_masks
+def test_a_users_subclass_of_a_verified_lm_is_packed(lms):
+    base = type(transformers.AutoModelForCausalLM.from_config(tiny.lm_config()))
+    subclass = type("PanoLanguageModel", (base,), {})  # e.g. a project's own LM class
+    reference = base.from_pretrained(lms["qwen"], attn_implementation="sdpa").train()
+    assert panovlm_flashpatch.apply(padding_free=True)
+    packed = subclass.from_pretrained(lms["qwen"], attn_implementation="sdpa").train()
+    assert padding_free.is_armed(packed)
+    spy = DecoderSpy(packed)
+    batch = padded_batch("right")
+    expected, got = run(reference, batch), run(packed, batch)
+    assert spy.batches == [1]
+    assert_same(expected, got, batch)
