@@ -35,14 +35,22 @@ def ckpt(tmp_path_factory):
     return tiny.build_lm(str(tmp_path_factory.mktemp("multi") / "lm"), **SHAPE)
 
 
-def launch(ckpt, out, wrapper, world, padding_free=False, steps=12, extra=(), env_extra=None):
+def torchrun(world):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+
+
+def accelerate(world):
+    return [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes",
+            str(world), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch(ckpt, out, wrapper, world, padding_free=False, steps=12, extra=(), env_extra=None, launcher=torchrun):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PANOVLM_FLASHPATCH", "DISABLE_FLASH_ATTN"))}
     env.update(HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", OMP_NUM_THREADS="4", **(env_extra or {}))
     if padding_free:
         env["PANOVLM_FLASHPATCH_PADDING_FREE"] = "1"
     out.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                           SCRIPT, ckpt, str(out), wrapper, "--steps", str(steps), *extra],
+    done = subprocess.run([*launcher(world), SCRIPT, ckpt, str(out), wrapper, "--steps", str(steps), *extra],
                           capture_output=True, text=True, env=env, timeout=600, cwd="/tmp")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
@@ -84,6 +92,12 @@ def test_two_gpus_ddp_and_fsdp(ckpt, tmp_path, padding_free):
     results = run_both(ckpt, tmp_path, 2, padding_free)
     for ranks in results.values():
         assert ranks[0]["losses"] == ranks[1]["losses"]  # the all-reduced mean, identical on both ranks
+
+
+@pytest.mark.skipif(GPUS < 2, reason=f"needs 2 GPUs, found {GPUS}")
+def test_two_gpus_through_accelerate_launch(ckpt, tmp_path):
+    ranks, log = launch(ckpt, tmp_path / "acc", "ddp", 2, padding_free=True, launcher=accelerate)
+    check_ranks(ranks, log, padding_free=True)
 
 
 def test_a_rank_with_broken_flash_attn_is_named(ckpt, tmp_path):
