@@ -4,8 +4,8 @@ Public API::
 
     import panovlm_flashpatch
     panovlm_flashpatch.apply()          # wrap PreTrainedModel.from_pretrained (idempotent)
+    # panovlm_flashpatch.apply(padding_free=True): also run padded training forwards packed
     model = AutoModelForCausalLM.from_pretrained(path)
-    panovlm_flashpatch.apply(padding_free=True)  # also: padded training forwards run packed
     panovlm_flashpatch.report(model)    # per component: backend, dtype, reason, attempts
     panovlm_flashpatch.remove()         # restore the original exactly
 
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = ["apply", "remove", "is_applied", "report", "clear_report", "__version__"]
 
 
-def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | None = None) -> bool:
+def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | None = None) -> bool:
     """Patch ``transformers.PreTrainedModel.from_pretrained`` (see :func:`.patch.apply`)."""
     from .patch import apply as _apply
 

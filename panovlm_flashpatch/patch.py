@@ -228,6 +228,14 @@ def _jsonable(value):
     return str(value)
 
 
+def _arm_padding_free(model, packing):
+    try:
+        return padding_free_module.arm(model, loss_only=packing == settings_module.LOSS_ONLY)
+    except Exception as exc:  # the model stays unpacked; the load and its report go on
+        _absorbed(f"padding-free arm: {type(exc).__name__}: {exc}")
+        return padding_free_module.Status(False, f"could not be armed ({type(exc).__name__}: {exc}); please report this")
+
+
 def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 0.0, packing: bool | str = False) -> None:
     started = time.perf_counter()
     model = result[0] if isinstance(result, tuple) else result
@@ -240,7 +248,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 
     first = {c.component.key: c for c in plan.decision.choices}
     switch = phases.plan_for({k: v.backend for k, v in seen.items()}, composite=bool(keys))
     armed = phases.arm(model, switch)
-    packing_status = padding_free_module.arm(model, loss_only=packing == settings_module.LOSS_ONLY) if packing else None
+    packing_status = _arm_padding_free(model, packing) if packing else None
     # Time spent in the plugin's own code for this load (not in transformers): planning + observing.
     overhead_ms = round((planning + time.perf_counter() - started) * 1000, 3)
     records = []

@@ -22,9 +22,9 @@ ENCODERS_FA2 = "PANOVLM_FLASHPATCH_ENCODERS_FA2"
 PADDING_FREE = "PANOVLM_FLASHPATCH_PADDING_FREE"
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 #: PADDING_FREE's third value: pack, and leave ``logits`` out of a training output that has a loss.
 LOSS_ONLY = "loss_only"
-_FALSE = ("", "0", "false", "no", "off")
 
 # What an unknown value means, chosen so that a typo never makes a run riskier than plain
 # transformers: a garbled DISABLE_FLASH_ATTN disables the plugin (the user was reaching for the
