@@ -80,15 +80,15 @@ TRAIN_SHAPES = {"train": (128, 1024, 8), "train512": (512, 1024, 8), "train64": 
 def bench_train(path: str, low: int = 128, high: int = 1024, batch_size: int = 8) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from panovlm_flashpatch.tiny import padding_mask
+
     model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
     model.train()
     lengths = _lengths(low, high, batch_size, seed=0)
     width = max(lengths)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 151_000, (batch_size, width), generator=g)
-    mask = torch.zeros(batch_size, width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1  # right padding
+    mask = padding_mask(lengths, width, "right")
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda()}
 

@@ -26,6 +26,8 @@ SHAPE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidde
 
 
 def batches(steps: int, seed: int):
+    from panovlm_flashpatch.tiny import padding_mask  # here: main() sets the environment before transformers loads
+
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         lengths = torch.randint(32, 513, (8,), generator=g).tolist()
@@ -38,9 +40,7 @@ def batches(steps: int, seed: int):
             ids[:, i] = (5 * ids[:, i - 1] + 7) % 4096
         noise = torch.rand(8, width, generator=g) < 0.1
         ids = torch.where(noise, torch.randint(0, 4096, (8, width), generator=g), ids)
-        mask = torch.zeros(8, width, dtype=torch.long)
-        for row, n in enumerate(lengths):
-            mask[row, :n] = 1
+        mask = padding_mask(lengths, width, "right")
         ids = ids.masked_fill(mask == 0, 0)
         yield {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 

@@ -33,7 +33,7 @@ def main() -> int:
     import bench
     import transformers
     import panovlm_flashpatch
-    from panovlm_flashpatch import padding_free
+    from panovlm_flashpatch import padding_free, tiny
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -46,9 +46,7 @@ def main() -> int:
     width = max(lengths)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 151_000, (8, width), generator=g)
-    mask = torch.zeros(8, width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
+    mask = tiny.padding_mask(lengths, width, "right")
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda()}
     keep = mask.bool().flatten()

@@ -38,6 +38,7 @@ import threading
 import weakref
 
 from . import reporting
+from ._wrapping import unwrap, wrap_once
 
 FA2 = "flash_attention_2"
 _MARKER = "_self_panovlm_flashpatch_padding_free"
@@ -196,23 +197,17 @@ def _bind(wrapped, args, kwargs) -> dict:
 
 
 def _install(cls) -> None:
-    import wrapt
-
-    owner, entry = _defining_forward(cls)
-    if getattr(entry, _MARKER, False):
-        return
-    wrapt.wrap_function_wrapper(owner, "forward", _forward_wrapper)
-    wrapper = vars(owner)["forward"]
-    setattr(wrapper, _MARKER, True)
-    _installed[owner] = (entry, wrapper)
+    owner, _ = _defining_forward(cls)
+    done = wrap_once(owner, "forward", _forward_wrapper, _MARKER)
+    if done is not None:
+        _installed[owner] = done
 
 
 def uninstall() -> None:
     """Restores every forward we wrapped (armed models then run unpacked)."""
     with _lock:
         for owner, (original, wrapper) in list(_installed.items()):
-            if vars(owner).get("forward") is wrapper:
-                setattr(owner, "forward", original)
+            unwrap(owner, "forward", original, wrapper)
             del _installed[owner]
         _armed.clear()
 

@@ -21,6 +21,7 @@ import threading
 import weakref
 
 from . import reporting
+from ._wrapping import unwrap, wrap_once
 from . import settings as settings_module
 
 FA2 = "flash_attention_2"
@@ -100,18 +101,12 @@ def _restore(model, plan: SwitchPlan) -> None:
 
 
 def install() -> None:
-    import wrapt
     from transformers.generation.utils import GenerationMixin
 
     with _lock:
-        entry = GenerationMixin.__dict__.get("generate")
-        if getattr(entry, _MARKER, False):
-            return
-        _installed["original"] = entry
-        wrapt.wrap_function_wrapper(GenerationMixin, "generate", _generate_wrapper)
-        wrapper = GenerationMixin.__dict__["generate"]
-        setattr(wrapper, _MARKER, True)
-        _installed["wrapper"] = wrapper
+        done = wrap_once(GenerationMixin, "generate", _generate_wrapper, _MARKER)
+        if done is not None:
+            _installed["original"], _installed["wrapper"] = done
 
 
 def uninstall() -> None:
@@ -122,6 +117,5 @@ def uninstall() -> None:
     from transformers.generation.utils import GenerationMixin
 
     with _lock:
-        if _installed["wrapper"] is not None and GenerationMixin.__dict__.get("generate") is _installed["wrapper"]:
-            setattr(GenerationMixin, "generate", _installed["original"])
+        if _installed["wrapper"] is not None and unwrap(GenerationMixin, "generate", _installed["original"], _installed["wrapper"]):
             _installed["wrapper"] = _installed["original"] = None

@@ -26,6 +26,7 @@ import logging
 import threading
 
 from . import reporting
+from ._wrapping import unwrap, wrap_once
 
 _PREFIX = "panovlm_flashpatch/load/"
 _MARKER = "_self_panovlm_flashpatch_ranks"
@@ -158,18 +159,13 @@ def install() -> None:
 
     if not dist.is_available():
         return
-    import wrapt
     from torch.distributed import distributed_c10d
 
     with _lock:
         for module in (dist, distributed_c10d):
-            entry = module.__dict__.get("init_process_group")
-            if entry is None or getattr(entry, _MARKER, False):
-                continue
-            wrapper = wrapt.FunctionWrapper(entry, _init_wrapper)
-            setattr(wrapper, _MARKER, True)
-            setattr(module, "init_process_group", wrapper)
-            _installed[module.__name__] = (entry, wrapper)
+            done = wrap_once(module, "init_process_group", _init_wrapper, _MARKER)
+            if done is not None:
+                _installed[module.__name__] = done
 
 
 def uninstall() -> None:
@@ -178,7 +174,7 @@ def uninstall() -> None:
     with _lock:
         for name, (original, wrapper) in list(_installed.items()):
             module = sys.modules.get(name)
-            if module is not None and module.__dict__.get("init_process_group") is wrapper:
-                setattr(module, "init_process_group", original)
+            if module is not None:
+                unwrap(module, "init_process_group", original, wrapper)
             del _installed[name]
         _pending.clear()

@@ -170,6 +170,15 @@ def build_remote_code(path: str) -> str:
         shutil.rmtree(source_dir, ignore_errors=True)
 
 
+def padding_mask(lengths, width: int | None = None, side: str = "right"):
+    """A (len(lengths), width) attention mask: 1 on each row's ``lengths[i]`` real tokens, padded on ``side``."""
+    width = max(lengths) if width is None else width
+    steps = torch.arange(width)[None, :]
+    counts = torch.tensor(list(lengths))[:, None]
+    real = steps < counts if side == "right" else steps >= width - counts
+    return real.long()
+
+
 def lm_inputs(batch: int = 2, length: int = 8):
     torch.manual_seed(1)
     ids = torch.randint(0, 120, (batch, length))

@@ -65,12 +65,7 @@ class DecoderSpy:
 def padded_batch(side="right", lengths=LENGTHS, width=WIDTH, labels=True, first_label_ignored=True):
     torch.manual_seed(3)
     ids = torch.randint(0, 120, (len(lengths), width))
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        if side == "right":
-            mask[row, :n] = 1
-        else:
-            mask[row, width - n:] = 1
+    mask = tiny.padding_mask(lengths, width, side)
     ids = ids.masked_fill(mask == 0, 0)  # pad token 0, as a tokenizer would write it
     batch = {"input_ids": ids, "attention_mask": mask}
     if labels:

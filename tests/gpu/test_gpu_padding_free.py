@@ -28,12 +28,7 @@ def batch(side: str):
     torch.manual_seed(5)
     width = max(LENGTHS)
     ids = torch.randint(0, 512, (len(LENGTHS), width))
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(LENGTHS):
-        if side == "right":
-            mask[row, :n] = 1
-        else:
-            mask[row, width - n:] = 1
+    mask = tiny.padding_mask(LENGTHS, width, side)
     labels = ids.masked_fill(mask == 0, -100)
     labels[torch.arange(len(LENGTHS)), mask.argmax(1)] = -100  # first real label ignored (left padding needs it)
     return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda()}
