@@ -217,6 +217,7 @@ def main() -> int:
         records = panovlm_flashpatch.report(model)
     if records:
         result["overhead_ms"] = records[0]["overhead_ms"]
+        backend = records[0]["backend"]  # the config holds the last forward's pick (generate() ran on SDPA)
     result.update(workload=workload, mode=mode, backend=backend, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                   phases=records[0].get("phases", {}) if records else {}, retried=bool(records and records[0]["retried"]),
                   padding_free=records[0].get("padding_free") if records else None)

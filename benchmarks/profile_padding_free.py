@@ -33,7 +33,8 @@ def main() -> int:
     import bench
     import transformers
     import panovlm_flashpatch
-    from panovlm_flashpatch import padding_free, tiny
+    from panovlm_flashpatch import tiny
+    from panovlm_flashpatch.runtime import padding_free
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

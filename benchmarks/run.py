@@ -119,6 +119,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default="train,generate,vision,load")
+    parser.add_argument("--modes", default=None, help="only these modes of each workload, e.g. plain,plugin")
     parser.add_argument("--root", default="/tmp/panovlm_bench_ckpts")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
@@ -143,10 +144,12 @@ def main() -> int:
     import bench
 
     bench.make_checkpoints(args.root)
-    runs = {w: {m: [] for m in MODES[w]} for w in workloads}
+    wanted = args.modes.split(",") if args.modes else None
+    chosen = {w: tuple(m for m in MODES[w] if wanted is None or m in wanted) for w in workloads}
+    runs = {w: {m: [] for m in chosen[w]} for w in workloads}
     for repeat in range(args.repeats):
         for workload in workloads:
-            modes = MODES[workload] if repeat % 2 == 0 else tuple(reversed(MODES[workload]))
+            modes = chosen[workload] if repeat % 2 == 0 else tuple(reversed(chosen[workload]))
             for mode in modes:
                 result = run_one(workload, mode, args.root)
                 runs[workload][mode].append(result)

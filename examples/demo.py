@@ -56,11 +56,14 @@ def forward_once(lm, vision, device: str) -> None:
     pixels = tiny.pixel_inputs()["pixel_values"].to(device)
     vision_dtype = next(vision.parameters()).dtype
     vision_kwargs = {}
-    if "pixel_attention_mask" in inspect.signature(vision.forward).parameters:  # SigLIP2 takes patches
+    params = inspect.signature(vision.forward).parameters
+    if "spatial_shapes" in params:  # SigLIP2 takes patches, a patch mask and each image's patch grid
         patches = pixels.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(pixels.shape[0], 16, -1)
+        # The mask is "attention_mask" on the vision transformer of 4.5x, "pixel_attention_mask" elsewhere.
+        mask_name = "pixel_attention_mask" if "pixel_attention_mask" in params else "attention_mask"
         vision_kwargs = {
             "pixel_values": patches.to(vision_dtype),
-            "pixel_attention_mask": torch.ones(pixels.shape[0], 16, dtype=torch.long, device=device),
+            mask_name: torch.ones(pixels.shape[0], 16, dtype=torch.long, device=device),
             "spatial_shapes": torch.tensor([[4, 4]] * pixels.shape[0], device=device),
         }
     else:

@@ -3,30 +3,46 @@
 Public API::
 
     import panovlm_flashpatch
-    panovlm_flashpatch.apply()          # wrap PreTrainedModel.from_pretrained (idempotent)
+    panovlm_flashpatch.apply()          # wrap PreTrainedModel.from_pretrained (once); options below
     # panovlm_flashpatch.apply(padding_free=True): also run padded training forwards packed
     model = AutoModelForCausalLM.from_pretrained(path)
     panovlm_flashpatch.report(model)    # per component: backend, dtype, reason, attempts
-    panovlm_flashpatch.remove()         # restore the original exactly
+    panovlm_flashpatch.remove()         # restore the originals exactly, forget the options
 
 Importing this package imports neither torch nor transformers; the probe runs at the first load.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["apply", "remove", "is_applied", "report", "clear_report", "__version__"]
 
 
-def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | None = None) -> bool:
-    """Patch ``transformers.PreTrainedModel.from_pretrained`` (see :func:`.patch.apply`)."""
+def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | None = None,
+          encoders_fa2: bool | None = None, generate_fa2: bool | None = None) -> bool:
+    """Patches ``transformers.PreTrainedModel.from_pretrained`` (once) and sets the options given.
+
+    Calling it again (or after automatic activation) installs nothing twice; it only updates the options
+    passed. Each option left as None keeps its current value (unset: its environment variable decides).
+
+    Args:
+        keep_explicit_sdpa: keep a caller's explicit ``attn_implementation="sdpa"`` (``PANOVLM_FLASHPATCH_KEEP_SDPA``).
+        padding_free: True: padded training forwards of verified causal LMs run packed; ``"loss_only"``: the
+            same, and outputs with a loss carry no logits (``PANOVLM_FLASHPATCH_PADDING_FREE``).
+        encoders_fa2: vision/text/audio encoders may take FlashAttention-2 (``PANOVLM_FLASHPATCH_ENCODERS_FA2``).
+        generate_fa2: ``generate()`` stays on FlashAttention-2 (``PANOVLM_FLASHPATCH_GENERATE_FA2``).
+
+    Returns:
+        True when the patch is in place; False when the plugin stands aside (an unsupported transformers).
+    """
     from .patch import apply as _apply
 
-    return _apply(keep_explicit_sdpa=keep_explicit_sdpa, padding_free=padding_free)
+    return _apply(keep_explicit_sdpa=keep_explicit_sdpa, padding_free=padding_free, encoders_fa2=encoders_fa2,
+                  generate_fa2=generate_fa2)
 
 
 def remove() -> bool:
-    """Undo :func:`apply`; the class attribute is the original object again."""
+    """Undo :func:`apply`: every class attribute is the original object again, and the options are forgotten."""
     from .patch import remove as _remove
 
     return _remove()
@@ -39,13 +55,15 @@ def is_applied() -> bool:
 
 
 def report(model=None) -> list[dict]:
-    """Structured per-component records of the loads so far, or of one model (JSON-serialisable)."""
-    from .reporting import report as _report
+    """Per-component records (JSON-serialisable): of every load so far as recorded at load, or of one
+    model, read from it now (record.py documents every field)."""
+    from .record import report as _report
 
     return _report(model)
 
 
 def clear_report() -> None:
-    from .reporting import clear as _clear
+    """Forgets the records of earlier loads (a model's own records stay with it)."""
+    from .record import clear as _clear
 
     _clear()

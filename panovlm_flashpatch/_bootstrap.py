@@ -1,28 +1,40 @@
 """Start-up hook, run by the ``panovlm_flashpatch.pth`` line in site-packages at every interpreter start.
 
 It must cost (almost) nothing, because it runs in every Python process of the environment: it
-imports only ``os`` and ``sys`` (already loaded at start-up), never torch, transformers, wrapt
-(wrapt alone costs 35-90 ms) or our probe. It puts a one-shot finder on ``sys.meta_path`` that
-waits for ``transformers.modeling_utils``; once that module has executed, the finder removes
-itself and calls :func:`panovlm_flashpatch.patch.auto_apply`, which reads the settings (and
-reports bad values), then patches. Nothing here may raise: an exception in an import hook would
-break the user's ``import transformers``; ours is caught and reported once as a warning.
+imports only the standard library (``_env`` is stdlib-only), never torch, transformers, wrapt
+(wrapt alone costs 35-90 ms) or our probe. It puts a one-shot finder on ``sys.meta_path`` that waits
+for two of transformers' modules:
 
-Off switches, read here at start-up: ``DISABLE_FLASH_ATTN=1`` or ``PANOVLM_FLASHPATCH_AUTO=0``
-register nothing at all. Any other value (including one we do not understand) registers the
-finder, and the settings module reports the bad value once transformers is imported.
+* before ``transformers.modeling_flash_attention_utils`` executes: flash_attn_guard.py (transformers
+  <= 4.53 imports flash-attn right there, so a broken flash-attn build must be hidden from it first);
+* after ``transformers.modeling_utils`` has executed: the guard again (4.46-4.47 import flash-attn only
+  from their model modules, later), then :func:`panovlm_flashpatch.patch.auto_apply`.
+
+The finder removes itself once ``modeling_utils`` is done. Nothing here may raise or print: an exception
+in an import hook would break the user's ``import transformers``; ours is caught and reported once as a
+warning, and the ``.pth`` line itself swallows everything (a stale editable install whose source tree was
+deleted must not print a traceback at every start).
+
+Off switches, read here at start-up: ``DISABLE_FLASH_ATTN=1`` or ``PANOVLM_FLASHPATCH_AUTO=0`` register
+nothing at all. Empty values mean "not set", as everywhere. A value we do not understand registers the
+finder, and the settings module reports it once transformers is imported (a garbled AUTO then leaves
+activation off, a garbled DISABLE_FLASH_ATTN disables).
 """
 
-import os
 import sys
 
+from panovlm_flashpatch import _env
+
 TARGET = "transformers.modeling_utils"
+GUARDED = "transformers.modeling_flash_attention_utils"
 
 
 def _switched_off() -> bool:
-    disable = os.environ.get("DISABLE_FLASH_ATTN", "").strip().lower()
-    auto = os.environ.get("PANOVLM_FLASHPATCH_AUTO", "").strip().lower()
-    return disable in ("1", "true", "yes", "on") or auto in ("0", "false", "no", "off")
+    disabled, garbled_disable = _env.read(_env.DISABLE_FLASH_ATTN)
+    auto, garbled_auto = _env.read(_env.AUTO)
+    # A garbled value still registers the finder, so that the settings report it once transformers is
+    # imported; the settings then read it the safe way (activation off, or the plugin disabled).
+    return (disabled is True and not garbled_disable) or (auto is False and not garbled_auto)
 
 
 def on_transformers_import(module=None) -> None:
@@ -32,10 +44,25 @@ def on_transformers_import(module=None) -> None:
     post-import hooks the standard way (``wrapt.discover_post_import_hooks``).
     """
     try:
+        from panovlm_flashpatch import flash_attn_guard
+
+        flash_attn_guard.hide_if_broken()
+    except Exception as exc:
+        _warn_once(exc)
+    try:
         from panovlm_flashpatch.patch import auto_apply
 
         auto_apply()
     except Exception as exc:  # never break the user's import of transformers
+        _warn_once(exc)
+
+
+def before_flash_attention_utils(module=None) -> None:
+    try:
+        from panovlm_flashpatch import flash_attn_guard
+
+        flash_attn_guard.hide_if_broken()
+    except Exception as exc:
         _warn_once(exc)
 
 
@@ -60,14 +87,14 @@ def _warn_once(exc: BaseException) -> None:
 
 
 class _TransformersFinder:
-    """A one-shot meta-path finder: it finds nothing itself, but when the other finders find
-    ``transformers.modeling_utils`` it makes the module call our hook right after it executes."""
+    """A one-shot meta-path finder: it finds nothing itself, but when the other finders find one of the two
+    modules it waits for, it makes that module call our hook (before or after it executes)."""
 
     def __init__(self):
         self._busy = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != TARGET or self._busy:
+        if name not in (TARGET, GUARDED) or self._busy:
             return None
         self._busy = True
         try:
@@ -89,6 +116,14 @@ class _TransformersFinder:
         finder = self
 
         def exec_module(module):
+            if name == GUARDED:
+                try:
+                    del loader.exec_module
+                except AttributeError:
+                    pass
+                before_flash_attention_utils(module)
+                real_exec(module)
+                return
             try:
                 real_exec(module)
             finally:

@@ -1,6 +1,6 @@
 """Wrap a function attribute of a class or module once, behind a marker, and put it back exactly.
 
-Shared by phases.py (``GenerationMixin.generate``), padding_free.py (a model class's ``forward``) and
+Shared by runtime/generate.py (``GenerationMixin.generate``), runtime/forward.py (a model class's ``forward``),
 ranks.py (``torch.distributed.init_process_group``). The marker makes wrapping idempotent (wrapping
 twice would run the wrapper twice per call); unwrapping restores the ``__dict__`` entry by identity,
 and only while ours is still the one there (something wrapped on top must not be dropped).

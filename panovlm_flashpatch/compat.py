@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
+import sys
 
 #: Oldest supported release: the first that takes a per-sub-config dict for attn_implementation.
 MIN_SUPPORTED = (4, 46)
@@ -32,6 +34,8 @@ class TransformersFacts:
     fa2_flags: tuple[str, ...]
     #: transformers >= 4.48 casts float32 q/k/v to the autocast dtype before the FA2 kernel.
     fa2_autocasts_fp32: bool
+    #: With no dtype given, transformers 4.x loads torch's default dtype (float32); 5.x the checkpoint's.
+    default_dtype_is_checkpoints: bool = False
 
     @property
     def supported(self) -> bool:
@@ -51,6 +55,7 @@ def facts_for(version: str) -> TransformersFacts:
         dtype_kwarg="dtype" if v >= (4, 56) else "torch_dtype",
         fa2_flags=flags,
         fa2_autocasts_fp32=v >= (4, 48),
+        default_dtype_is_checkpoints=v >= (5, 0),
     )
 
 
@@ -79,3 +84,72 @@ def requested_attn(config) -> object:
     None ("always fall back on eager"), so it cannot tell an unset request from ``"eager"``.
     """
     return getattr(config, "_attn_implementation_internal", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCode:
+    """How a model class computes attention, read from the source of the module that defines its attention layers.
+
+    Attributes:
+        kind: ``"interface"``: its layers pick the backend from the config at every forward (transformers'
+            attention interface, >= 4.48 for most families); ``"classes"``: one attention class per backend
+            (``Qwen2FlashAttention2`` / ``Qwen2SdpaAttention``, 4.46-4.47), with the mask built from the config
+            at every forward; ``"fixed"``: FlashAttention-2 code with no way to switch per forward (no SDPA
+            counterpart, or the backend cached at construction); ``"own"``: attention layers that call neither
+            flash-attn nor transformers' attention functions (remote code that computes attention itself);
+            ``"unknown"``: no readable source.
+        module: the module that defines the attention layers.
+    """
+
+    kind: str
+    module: str = ""
+
+    @property
+    def switchable(self) -> bool:
+        """The plugin can switch this model's backend per forward (runtime/dispatch.py)."""
+        return self.kind in ("interface", "classes")
+
+
+_ATTENTION_CLASS = re.compile(r"^class \w*Attention\w*\((?:nn|torch\.nn)\.Module\)", re.MULTILINE)
+# Code that runs a flash-attn kernel (the class flags "_supports_flash_attn" do not count).
+_CALLS_FLASH = re.compile(r"\bimport flash_attn|\bfrom flash_attn|flash_attn_(?:varlen_)?func|flash_attention_forward\(")
+_NOT_MODEL_CODE = ("builtins", "typing", "torch.", "transformers.modeling_utils", "transformers.generation",
+                   "transformers.integrations", "transformers.utils")
+
+
+@functools.lru_cache(maxsize=None)
+def _module_source(name: str) -> str | None:
+    module = sys.modules.get(name)
+    try:
+        return inspect.getsource(module) if module is not None else None
+    except (OSError, TypeError):  # a class defined in a REPL or notebook, or a file gone since import
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def attention_code(model_class) -> AttentionCode:
+    """Reads the first module along ``model_class``'s MRO that defines attention layers (see AttentionCode).
+
+    Inheritance is followed because remote code often subclasses a transformers model and keeps its layers.
+    """
+    unreadable = ""
+    for klass in model_class.__mro__:
+        name = klass.__module__
+        if name.startswith(_NOT_MODEL_CODE):
+            continue
+        code = _module_source(name)
+        if code is None:
+            unreadable = unreadable or name
+            continue
+        if not _ATTENTION_CLASS.search(code):
+            continue
+        if "ALL_ATTENTION_FUNCTIONS" in code:
+            return AttentionCode("interface", name)
+        per_backend = (re.search(r"^class \w+FlashAttention2\(", code, re.MULTILINE)
+                       and re.search(r"^class \w+SdpaAttention\(", code, re.MULTILINE))
+        if per_backend and not re.search(r"_use_flash_attention_2|_use_sdpa\b", code):
+            return AttentionCode("classes", name)
+        if _CALLS_FLASH.search(code):
+            return AttentionCode("fixed", name)
+        return AttentionCode("own", name)
+    return AttentionCode("unknown", unreadable)

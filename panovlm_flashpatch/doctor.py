@@ -17,6 +17,7 @@ import site
 import sys
 
 from . import __version__
+from . import reporting
 from . import settings as settings_module
 
 PTH_NAME = "panovlm_flashpatch.pth"
@@ -76,7 +77,7 @@ def collect(model_path: str | None = None, attn_implementation: str | None = Non
     blockers = caps.fa2_blockers()
     info["flash_attention_2.usable"] = not blockers
     info["flash_attention_2.reasons"] = list(blockers)
-    current = settings_module.read()
+    current = settings_module.current()
     pth = _activation_file()
     info["activation.installed"] = pth is not None
     info["activation.file"] = pth
@@ -95,16 +96,22 @@ class NotACheckpoint(Exception):
 
 
 def dry_run(path, attn_implementation, dtype, trust_remote_code, caps, current, facts) -> dict:
-    """Which backend and dtype each component of ``path`` would get, from its config alone."""
+    """Which backend and dtype each component of ``path`` would get, from its config alone.
+
+    The same planner as a real load (plan.py), with the probe's answer for this machine; nothing but the
+    config is read, and nothing is downloaded.
+    """
     import transformers
     from transformers import AutoConfig
 
-    from .components import components_of
-    from .decide import Placement, Request, decide
+    from .plan import CannotPlan, plan_call
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise NotACheckpoint(f"{path!r} is not a checkpoint folder: it has no config.json (the doctor never downloads)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise NotACheckpoint(f"{path!r}: its config.json cannot be read ({type(exc).__name__}: {reporting.sentence(exc)})") from None
     names = list(getattr(config, "architectures", None) or [])
     model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
     if model_class is None:
@@ -116,18 +123,31 @@ def dry_run(path, attn_implementation, dtype, trust_remote_code, caps, current, 
             raise NotACheckpoint(
                 f"{path!r}: no transformers class for architectures {names or '?'} (remote code is not imported by the doctor)"
             ) from None
-    components = components_of(model_class, config, facts)
-    request = Request(attn={c.key: attn_implementation for c in components}, root_attn=None, dtype=dtype)
-    decision = decide(request, caps, components, Placement(), current, facts)
     out = {"model.path": path, "model.class": model_class.__name__}
+    if current.disabled:
+        out["model.backend"] = "as transformers loads it"
+        out["model.reason"] = f"{current.source('disabled')}: the plugin is off, every load passes through untouched"
+        return out
+    kwargs = {"config": config}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs[facts.dtype_kwarg] = dtype if dtype == "auto" else getattr(__import__("torch"), dtype, dtype)
+    try:
+        plan = plan_call(model_class, (path,), kwargs, current, facts)
+    except CannotPlan as exc:
+        raise NotACheckpoint(f"{path!r}: {exc}") from None
+    decision = plan.decision
     for choice in decision.choices:
         prefix = f"model.{choice.component.key or 'model'}"
         backend = choice.backend or "transformers default (sdpa, else eager)"
         out[f"{prefix}.role"] = choice.component.role
         out[f"{prefix}.class"] = choice.component.model_class
         out[f"{prefix}.backend"] = backend
-        out[f"{prefix}.dtype"] = decision.inject_dtype if choice.upgraded and decision.inject_dtype else (dtype or "as transformers loads it")
-        out[f"{prefix}.reason"] = choice.reason
+        out[f"{prefix}.dtype"] = (decision.inject_dtype if choice.upgraded and decision.inject_dtype
+                                  else plan.request.load_dtype or "as transformers loads it")
+        reason = choice.reason + (f"; {decision.dtype_note}" if choice.upgraded and decision.dtype_note else "")
+        out[f"{prefix}.reason"] = reason
     return out
 
 
@@ -156,7 +176,9 @@ def main(argv=None) -> int:
     try:
         info = collect(args.model, args.attn_implementation, args.dtype, args.trust_remote_code)
     except NotACheckpoint as exc:
-        print(f"panovlm-flashpatch: {exc}", file=sys.stderr)
+        reporting.write_safely(sys.stderr, f"panovlm-flashpatch: {exc}\n")
         return 2
-    print(json.dumps(info, indent=2) if args.json else render(info))
+    # json.dumps escapes non-ASCII by default; the text is written with escapes where stdout cannot encode it
+    # (a checkpoint path with non-ASCII characters on an ASCII terminal).
+    reporting.write_safely(sys.stdout, (json.dumps(info, indent=2) if args.json else render(info)) + "\n")
     return 0

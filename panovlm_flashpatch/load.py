@@ -13,6 +13,7 @@ import re
 import threading
 import time
 
+from . import reporting
 from .decide import Decision
 
 # transformers' attention checks live in functions with these words in their names, across
@@ -104,15 +105,13 @@ def attempt_kwargs(kwargs: dict, decision: Decision, dtype_kwarg: str) -> dict:
 
 
 def _short(exc: BaseException) -> str:
-    """``Type: message``, whitespace folded (kept whole for the attempt record)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}"
+    """``Type: message``, whitespace folded, whole (the attempt record keeps what transformers said)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _gist(exc: BaseException) -> str:
     """The first sentence of the error, for a log line: transformers' messages end in long hints."""
-    text = " ".join(str(exc).split())
-    cut = text.find(". ", 40)
-    return f"{type(exc).__name__}: {text[: cut + 1] if 0 < cut < 240 else text[:240]}"
+    return f"{type(exc).__name__}: {reporting.sentence(exc)}"
 
 
 def load_with_fallback(wrapped, args, kwargs, decision: Decision, dtype_kwarg: str, caller_attn: object):
@@ -165,6 +164,9 @@ def _load_with_fallback(wrapped, args, kwargs, decision: Decision, dtype_kwarg: 
         # (measured: a load with one refusal took 2x a plain load; benchmarks/results).
         if cuda and torch.cuda.memory_allocated() > allocated:
             gc.collect()
+    if decision.overrides_config:  # the caller's config carries an earlier plugin load's choice, not theirs
+        kwargs = {**kwargs, "attn_implementation": decision.attn_argument()}
+        caller_attn = kwargs["attn_implementation"]
     result = wrapped(*args, **kwargs)
     attempts.append(Attempt(caller_attn, dtype_name(caller_dtype(kwargs))))
     return result, decision, tuple(attempts), time.perf_counter() - start

@@ -1,8 +1,13 @@
 """Installs and removes the wrapper around ``PreTrainedModel.from_pretrained``; runs each call.
 
 The wrapper is installed once, behind a marker (wrapping twice would run it twice per load), and
-``remove()`` puts the class ``__dict__`` entry back exactly. The per-call gate re-reads the
-settings, so ``DISABLE_FLASH_ATTN`` works after the patch is in place.
+``remove()`` puts the class ``__dict__`` entry back exactly. The per-call gate re-reads the settings,
+so ``DISABLE_FLASH_ATTN`` works after the patch is in place. Per call: plan (plan.py) -> load with
+fallback (load.py) -> observe what the model runs (observe.py) -> arm the runtime features
+(runtime/) -> records and log lines (record.py) -> compare across ranks (runtime/ranks.py).
+
+``remove()`` bumps a generation counter under the same lock that arming takes: a load that was in
+flight when ``remove()`` ran returns its model unarmed and leaves no class wrapped.
 """
 
 from __future__ import annotations
@@ -11,15 +16,13 @@ import logging
 import threading
 import time
 
-from . import padding_free as padding_free_module
-from . import phases
-from . import ranks
-from . import reporting as report_module
-from . import settings as settings_module
+from . import _safety, record, runtime, settings, state
+from . import reporting
 from .compat import transformers_facts
-from .load import load_with_fallback
+from .load import caller_dtype, dtype_name, load_with_fallback
 from .observe import observe
 from .plan import CannotPlan, Plan, checkpoint_of, plan_call
+from .runtime import ranks
 
 _MARKER = "_self_panovlm_flashpatch"
 
@@ -33,21 +36,13 @@ class _PatchState:
         self.original = None  # PreTrainedModel.__dict__["from_pretrained"] before apply()
         self.installed = None  # the wrapt FunctionWrapper we put there
         self.active = True  # False once something wrapped on top of us and remove() could not unwind
-        self.keep_explicit_sdpa: bool | None = None
-        self.padding_free: bool | str | None = None
+        self.generation = 0  # bumped by every remove(): loads that started before it arm nothing
 
 
 _State = _PatchState()
 
-#: Our own failures that the safety nets absorbed (the load went on untouched); tests assert none.
-#: Bounded: a recurring bug in a long-running server must not grow it forever.
-internal_errors: list[str] = []
-_MAX_INTERNAL_ERRORS = 100
-
-
-def _absorbed(message: str) -> None:
-    internal_errors.append(message)
-    del internal_errors[:-_MAX_INTERNAL_ERRORS]
+#: Kept for callers of the 0.1 API (the ledger lives in _safety.py).
+internal_errors = _safety.internal_errors
 
 
 def _pretrained_model_class():
@@ -66,33 +61,34 @@ def is_applied() -> bool:
     return bool(getattr(entry, _MARKER, False)) and _State.active
 
 
-def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | None = None) -> bool:
-    """Wraps ``PreTrainedModel.from_pretrained``. Idempotent and thread-safe.
+def apply(**options) -> bool:
+    """Wraps ``PreTrainedModel.from_pretrained`` (once; thread-safe) and keeps the options given.
 
-    Args:
-        keep_explicit_sdpa: keep a caller's explicit ``attn_implementation="sdpa"`` instead of
-            upgrading it; None reads ``PANOVLM_FLASHPATCH_KEEP_SDPA`` at every load.
-        padding_free: True: causal LMs loaded from now on run padded training forwards packed
-            (padding_free.py); ``"loss_only"``: the same, and a training output that has a loss
-            carries no logits (saves re-padding them); None reads ``PANOVLM_FLASHPATCH_PADDING_FREE``
-            at every load.
+    Options (each None by default, which keeps its current value; unset, the environment decides):
+    ``keep_explicit_sdpa``, ``encoders_fa2``, ``generate_fa2`` (booleans) and ``padding_free``
+    (True, False or ``"loss_only"``). They apply to every load from then on; ``remove()`` forgets them.
 
     Returns:
         True when the patch is in place, False when the plugin stands aside (an unsupported
         transformers version; the reason is logged).
     """
+    settings.set_overrides(**options)  # validates first: a bad value changes nothing
+    try:
+        from . import flash_attn_guard
+
+        flash_attn_guard.hide_if_broken()
+    except Exception as exc:
+        _safety.absorb("flash-attn guard", exc, "transformers' view of flash-attn was left as it is")
+    return _install()
+
+
+def _install() -> bool:
     import wrapt
 
-    if padding_free not in (None, True, False, settings_module.LOSS_ONLY):
-        raise ValueError(f"padding_free={padding_free!r}: use True, False, {settings_module.LOSS_ONLY!r} or None "
-                         f"(None reads {settings_module.PADDING_FREE})")
-    logger = report_module.get_logger()
     with _State.lock:
-        _State.keep_explicit_sdpa = keep_explicit_sdpa
-        _State.padding_free = padding_free
         facts = transformers_facts()
         if not facts.supported:
-            report_module.log_once(
+            reporting.log_once(
                 "unsupported",
                 logging.WARNING,
                 f"transformers {facts.version} is outside the supported range (>= 4.46, < 6); "
@@ -101,7 +97,6 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
             return False
         cls = _pretrained_model_class()
         entry = cls.__dict__.get("from_pretrained")
-        phases.install()
         ranks.install()
         if getattr(entry, _MARKER, False):
             _State.active = True
@@ -112,28 +107,29 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
         setattr(installed, _MARKER, True)
         _State.installed = installed
         _State.active = True
-        logger.debug("wrapped %s.from_pretrained (transformers %s)", cls.__qualname__, facts.version)
+        reporting.get_logger().debug("wrapped %s.from_pretrained (transformers %s)", cls.__qualname__, facts.version)
         return True
 
 
 def remove() -> bool:
-    """Restores the original ``from_pretrained``, and cancels a pending automatic activation (one
-    that would otherwise patch once transformers' modeling module is imported). Returns True if
-    something was removed or cancelled."""
+    """Restores the original ``from_pretrained`` and every class attribute the runtime features wrapped,
+    forgets ``apply()``'s options, and cancels a pending automatic activation (one that would otherwise
+    patch once transformers' modeling module is imported). Returns True if something was removed or cancelled."""
     import sys
 
     from ._bootstrap import cancel
 
     cancelled = cancel()
+    settings.clear_overrides()
     if "transformers.modeling_utils" not in sys.modules:
         return cancelled
     with _State.lock:
+        _State.generation += 1
+        runtime.uninstall()
+        ranks.uninstall()
         if _State.installed is None:
             return cancelled
         cls = _pretrained_model_class()
-        phases.uninstall()
-        padding_free_module.uninstall()
-        ranks.uninstall()
         if cls.__dict__.get("from_pretrained") is _State.installed:
             setattr(cls, "from_pretrained", _State.original)
             _State.installed = _State.original = None
@@ -141,154 +137,137 @@ def remove() -> bool:
         # Another library wrapped on top of ours: unwinding would drop its wrapper too. Ours stays
         # in the chain but passes every call through.
         _State.active = False
-        report_module.get_logger().warning(
-            "PreTrainedModel.from_pretrained was wrapped again after panovlm_flashpatch; its wrapper stays "
-            "in place but now passes every load through untouched."
-        )
+        reporting.emit(logging.WARNING,
+                       "PreTrainedModel.from_pretrained was wrapped again after panovlm_flashpatch; its wrapper stays "
+                       "in place but now passes every load through untouched.")
         return True
 
 
 def auto_apply() -> bool:
     """What the start-up hook does once transformers' modeling module is imported.
 
-    The same path as :func:`apply` (one code path for both, as OpenTelemetry's auto-instrumentation
-    does), gated by the settings: ``DISABLE_FLASH_ATTN`` means no patch at all, and
-    ``PANOVLM_FLASHPATCH_AUTO=0`` leaves activation to an explicit ``apply()``.
+    The same installation as :func:`apply` (one code path for both, as OpenTelemetry's auto-instrumentation
+    does), with no options: what the program passed to ``apply()`` earlier is kept. Gated by the settings:
+    ``DISABLE_FLASH_ATTN`` means no patch at all, ``PANOVLM_FLASHPATCH_AUTO=0`` leaves activation to ``apply()``.
     """
-    current = settings_module.read()  # also reports values it does not understand
+    current = settings.current()  # also reports values it does not understand
     if current.disabled:
-        report_module.log_once(
+        reporting.log_once(
             "auto-disabled", logging.INFO, "DISABLE_FLASH_ATTN is set: automatic activation did not patch transformers."
         )
         return False
     if not current.auto:
         return False
-    return apply()
-
-
-def _settings():
-    import dataclasses
-
-    current = settings_module.read()
-    if _State.keep_explicit_sdpa is not None:
-        current = dataclasses.replace(current, keep_explicit_sdpa=_State.keep_explicit_sdpa)
-    if _State.padding_free is not None:
-        current = dataclasses.replace(current, padding_free=_State.padding_free)
-    return current
+    return _install()
 
 
 def _wrapper(wrapped, instance, args, kwargs):
     """The per-call path: gate, plan, load with fallback, report."""
     if not _State.active:
         return wrapped(*args, **kwargs)
-    current = _settings()
+    current = settings.current()
     if current.disabled:
-        report_module.log_once(
+        reporting.log_once(
             "disabled", logging.INFO, "DISABLE_FLASH_ATTN is set: every load passes through untouched."
         )
         return wrapped(*args, **kwargs)
+    generation = _State.generation
     cls = instance if isinstance(instance, type) else type(instance)
     facts = transformers_facts()
     started = time.perf_counter()
     try:
         plan = plan_call(cls, args, kwargs, current, facts)
     except CannotPlan as exc:
-        report_module.get_logger().log(
-            report_module.info_level(), "%s  [%s]  → left to transformers  (%s)", cls.__name__, checkpoint_of(args, kwargs), exc
-        )
+        reporting.emit(reporting.info_level(), f"{cls.__name__}  [{checkpoint_of(args, kwargs)}]  → left to transformers  ({exc})")
         return wrapped(*args, **kwargs)
     except Exception as exc:  # a bug of ours must never cost the caller their load
-        _absorbed(f"plan: {type(exc).__name__}: {exc}")
-        report_module.log_once(
-            f"plan-error:{type(exc).__name__}",
-            logging.WARNING,
-            f"could not plan the load of {cls.__name__} ({type(exc).__name__}: {exc}); passing it through untouched. "
-            "Please report this.",
-        )
+        _safety.absorb(f"planning the load of {cls.__name__}", exc, "the load passed through untouched")
         return wrapped(*args, **kwargs)
     planning = time.perf_counter() - started
     result, decision, attempts, seconds = load_with_fallback(
         wrapped, args, kwargs, plan.decision, facts.dtype_kwarg, plan.caller_attn
     )
     try:
-        _publish(plan, decision, attempts, seconds, result, planning, packing=current.padding_free)
+        _publish(plan, decision, attempts, seconds, result, planning, current, generation)
     except Exception as exc:  # reporting must never cost the caller their model
-        _absorbed(f"report: {type(exc).__name__}: {exc}")
-        report_module.log_once(
-            f"report-error:{type(exc).__name__}", logging.WARNING, f"could not report a load ({type(exc).__name__}: {exc})"
-        )
+        _safety.absorb("reporting a load", exc, "the model was returned without its report")
     return result
 
 
-def _jsonable(value):
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return str(value)
-
-
-def _arm_padding_free(model, packing):
-    try:
-        return padding_free_module.arm(model, loss_only=packing == settings_module.LOSS_ONLY)
-    except Exception as exc:  # the model stays unpacked; the load and its report go on
-        _absorbed(f"padding-free arm: {type(exc).__name__}: {exc}")
-        return padding_free_module.Status(False, f"could not be armed ({type(exc).__name__}: {exc}); please report this")
-
-
-def _publish(plan: Plan, decision, attempts, seconds, result, planning: float = 0.0, packing: bool | str = False) -> None:
+def _publish(plan: Plan, decision, attempts, seconds, result, planning: float, current, generation: int) -> None:
     started = time.perf_counter()
     model = result[0] if isinstance(result, tuple) else result
     keys = tuple(c.component.key for c in decision.choices if c.component.key)
     try:
         seen = observe(model, keys)
     except Exception as exc:  # the record says "unknown" rather than losing the load
-        _absorbed(f"observe: {type(exc).__name__}: {exc}")
+        _safety.absorb("observing a load", exc, "its report says 'unknown'")
         seen = {}
+    load = runtime.Load(checkpoint=plan.checkpoint, keys=keys, decision=decision, observed=seen, settings=current,
+                        load_dtype=plan.request.load_dtype)
+    with _State.lock:
+        # remove() while this load was in flight: the model is returned as transformers made it.
+        effects = runtime.attach(model, load) if generation == _State.generation and _State.installed else {}
     first = {c.component.key: c for c in plan.decision.choices}
-    switch = phases.plan_for({k: v.backend for k, v in seen.items()}, composite=bool(keys))
-    armed = phases.arm(model, switch)
-    packing_status = _arm_padding_free(model, packing) if packing else None
-    # Time spent in the plugin's own code for this load (not in transformers): planning + observing.
+    # Time spent in the plugin's own code for this load (not in transformers): planning + observing + arming.
     overhead_ms = round((planning + time.perf_counter() - started) * 1000, 3)
     records = []
     for choice in decision.choices:
-        obs = seen.get(choice.component.key)
+        key = choice.component.key
+        obs = seen.get(key)
+        mine = effects.get(key, []) + effects.get(None, [])
         # Retried: we asked for FlashAttention-2 for this component and transformers refused it.
-        retried = first[choice.component.key].upgraded and not choice.upgraded
-        reason = choice.reason
+        retried = first[key].upgraded and not choice.upgraded
+        notes = [choice.reason]
         if choice.upgraded and decision.dtype_note:
-            reason = f"{reason}; {decision.dtype_note}"
-        on_fa2 = bool(obs) and obs.backend == phases.FA2
-        if on_fa2 and armed:
-            reason = f"{reason}; generate() runs on sdpa (faster for decoding)"
-        if packing_status is not None:
-            reason = f"{reason}; {packing_status.describe()}"
-        records.append(
-            {
-                "checkpoint": plan.checkpoint,
-                "loaded_class": plan.model_class,
-                "component": choice.component.key,
-                "role": choice.component.role,
-                "class": obs.model_class if obs else choice.component.model_class,
-                "requested": _jsonable(choice.requested),
-                "decision": _jsonable(choice.backend) if choice.backend is not None else "transformers default",
-                "backend": obs.backend if obs else "unknown",
-                "dtype": obs.dtype if obs else None,
-                "reason": reason,
-                "retried": retried,
-                "rejected": {k: v for k, v in choice.rejected.items()},
-                "attempts": [_jsonable(a.to_dict()) for a in attempts],
-                "phases": {"generate": "sdpa"} if on_fa2 and armed else {},
-                "padding_free": packing_status.describe() if packing_status else None,
-                "seconds": round(seconds, 4),
-                "overhead_ms": overhead_ms,
-            }
-        )
-    report_module.publish(records, model=model)
+            notes.append(decision.dtype_note)
+        notes += [e.note for e in mine if e.note]
+        fields = {}
+        for effect in mine:
+            fields.update(effect.fields)
+        backend = obs.backend if obs else "unknown"
+        dtype = obs.dtype if obs else None
+        records.append(record.ComponentRecord(
+            checkpoint=plan.checkpoint,
+            loaded_class=plan.model_class,
+            component=key,
+            role=choice.component.role,
+            model_class=obs.model_class if obs else choice.component.model_class,
+            requested=choice.requested,
+            requested_from=plan.request.requested_from.get(key, "caller"),
+            decision=choice.backend if choice.backend is not None else "transformers default",
+            backend=backend,
+            dtype=dtype,
+            loaded_backend=backend,
+            loaded_dtype=dtype,
+            reason="; ".join(notes),
+            retried=retried,
+            rejected=dict(choice.rejected),
+            attempts=tuple(a.to_dict() for a in attempts),
+            phases=fields.get("phases", {}),
+            padding_free=fields.get("padding_free"),
+            seconds=round(seconds, 4),
+            overhead_ms=overhead_ms,
+        ))
+    dicts = record.publish(records, model=model)
+    _remember_configs(model, decision, keys)
     try:
-        ranks.after_load(records)
+        ranks.after_load(dicts)
     except Exception as exc:  # the cross-rank check must never cost the caller their model
-        _absorbed(f"ranks: {type(exc).__name__}: {exc}")
-        report_module.log_once(f"ranks-error:{type(exc).__name__}", logging.WARNING,
-                               f"could not compare this load across ranks ({type(exc).__name__}: {exc})")
+        _safety.absorb("cross-rank check", exc, "this load was not compared across ranks")
+
+
+def _remember_configs(model, decision, keys) -> None:
+    """Marks the configs that now carry the plugin's choice (FlashAttention-2, or the per-forward fallback),
+    with what the caller had asked for, so that handing one to the next load reads the caller's request."""
+    config = getattr(model, "config", None)
+    for choice in decision.choices:
+        if not choice.upgraded or config is None:
+            continue
+        target = config if not choice.component.key else getattr(config, choice.component.key, None)
+        if target is not None:
+            fallback = choice.fallback if isinstance(choice.fallback, str) else choice.component.default_backend
+            state.remember_config(target, choice.requested, (choice.backend, fallback))
+
+
+__all__ = ["apply", "remove", "is_applied", "auto_apply", "caller_dtype", "dtype_name"]

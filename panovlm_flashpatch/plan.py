@@ -7,12 +7,15 @@ local config.json, never downloaded) and the caller's objects are left as they a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import struct
 
 from . import probe as probe_module
+from . import reporting, state
 from .compat import TransformersFacts, config_base_class, requested_attn
 from .components import components_of
-from .decide import Decision, Placement, Request, decide
+from .decide import PLUGIN_CONFIG, Decision, Placement, Request, decide
 from .load import caller_dtype, dtype_name
 from .settings import Settings
 
@@ -30,6 +33,7 @@ class Plan:
     model_class: str
     decision: Decision
     caller_attn: object
+    request: Request
 
 
 def checkpoint_of(args, kwargs) -> str:
@@ -51,35 +55,97 @@ def _config_for(cls, args, kwargs):
         # local_files_only: the plugin never downloads; transformers fetches what it needs itself.
         return config_class.from_pretrained(source, local_files_only=True, **download_kwargs)
     except Exception as exc:
-        raise CannotPlan(f"could not read the config locally ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise CannotPlan(f"could not read the config locally ({type(exc).__name__}: {reporting.sentence(exc)})") from None
 
 
-def _request(config, kwargs, keys) -> tuple[Request, object]:
+def _carried(config, key: str = ""):
+    """The request a config carries: the caller's own, or (a config that came out of a plugin load) what
+    the caller of that load had asked for; with where it was read from."""
+    ours, original = state.caller_request(config)
+    if ours:
+        return original, PLUGIN_CONFIG
+    return requested_attn(config), "caller"
+
+
+def _request(config, kwargs, keys, source, facts: TransformersFacts) -> tuple[Request, object]:
     kwarg = kwargs.get("attn_implementation")
-    root = kwarg if kwarg is not None else requested_attn(config)
+    if kwarg is not None:
+        root, root_from = kwarg, "caller"
+    else:
+        root, root_from = _carried(config)
 
     def pick(value, key):
         return value.get(key) if isinstance(value, dict) else value
 
+    origins = {}
     if keys:
         attn = {}
         for key in keys:
             value = pick(kwarg, key) if kwarg is not None else None
+            origins[key] = "caller"
             if value is None and kwarg is None:
-                value = requested_attn(getattr(config, key)) or pick(root, key)
+                value, origins[key] = _carried(getattr(config, key), key)
+                if value is None:
+                    value, origins[key] = pick(root, key), root_from
             attn[key] = value
         root_attn = pick(root, "") if isinstance(root, dict) else root
     else:
         attn = {"": pick(root, "")}
+        origins[""] = root_from
         root_attn = None
-    checkpoint_dtype = vars(config).get("dtype", None) or vars(config).get("torch_dtype", None)
+    checkpoint_dtype = dtype_name(vars(config).get("dtype", None) or vars(config).get("torch_dtype", None))
+    given = dtype_name(caller_dtype(kwargs))
     request = Request(
         attn=attn,
         root_attn=root_attn,
-        dtype=dtype_name(caller_dtype(kwargs)),
-        checkpoint_dtype=dtype_name(checkpoint_dtype),
+        dtype=given,
+        checkpoint_dtype=checkpoint_dtype,
+        load_dtype=load_dtype(given, checkpoint_dtype, source, facts),
+        requested_from={k: v for k, v in origins.items() if v != "caller"},
     )
     return request, root
+
+
+def load_dtype(given: str | None, checkpoint_dtype: str | None, source, facts: TransformersFacts) -> str | None:
+    """The dtype transformers alone loads this call in, resolved as it does.
+
+    ``"auto"`` (and, on 5.x, no dtype at all) means the checkpoint's: its config's dtype, else its weights'
+    (read from the safetensors header, as transformers reads the first floating-point tensor), else float32.
+    No dtype on 4.x means torch's default dtype.
+    """
+    if given not in (None, "auto"):
+        return given
+    if given is None and not facts.default_dtype_is_checkpoints:
+        import torch
+
+        return dtype_name(torch.get_default_dtype())
+    return checkpoint_dtype or weights_dtype(source) or "float32"
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def weights_dtype(source) -> str | None:
+    """The dtype of the first floating-point tensor of a local safetensors checkpoint (its header only)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return None
+    index = os.path.join(source, "model.safetensors.index.json")
+    name = "model.safetensors"
+    try:
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                name = sorted(set(json.load(f)["weight_map"].values()))[0]
+        with open(os.path.join(source, name), "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, KeyError, IndexError, struct.error):
+        return None
+    for key, entry in header.items():
+        if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES:
+            return _SAFETENSORS_DTYPES[entry["dtype"]]
+    return None
 
 
 def _target(value) -> tuple[str, int | None]:
@@ -130,7 +196,10 @@ def plan_call(cls, args, kwargs, settings: Settings, facts: TransformersFacts) -
     config = _config_for(cls, args, kwargs)
     components = components_of(cls, config, facts, output_attentions_kwarg=bool(kwargs.get("output_attentions")))
     keys = tuple(c.key for c in components if c.key)
-    request, caller_attn = _request(config, kwargs, keys)
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    if kwargs.get("subfolder") and isinstance(source, (str, os.PathLike)):
+        source = os.path.join(source, kwargs["subfolder"])
+    request, caller_attn = _request(config, kwargs, keys, source, facts)
     placement = placement_of(kwargs)
     # Looked up through the module on every call: the one seam tests replace.
     caps = probe_module.probe(placement.devices)
@@ -140,4 +209,5 @@ def plan_call(cls, args, kwargs, settings: Settings, facts: TransformersFacts) -
         model_class=cls.__name__,
         decision=decision,
         caller_attn=caller_attn,
+        request=request,
     )

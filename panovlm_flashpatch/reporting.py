@@ -1,53 +1,65 @@
-"""The per-component report: one log line per component per load, and the same as records.
+"""The plugin's log lines: where they go, at which level, and once-only messages.
 
-Log lines go to the stdlib logger ``panovlm_flashpatch``. They are visible by default (INFO, on
-stderr) until the application configures logging itself; from then on they simply propagate to
-the application's handlers, so nothing is printed twice. Under torchrun/accelerate only local
-rank 0 logs at INFO (the other ranks at DEBUG); a retry is a WARNING on every rank.
+Logger ``panovlm_flashpatch``. Who decides what is shown:
+
+* An application that configures logging (a handler on the root logger, ``logging.basicConfig``, a
+  framework's set-up) or sets a level on our logger decides: records go through the standard logger and
+  its levels, so ``basicConfig(level=logging.WARNING)`` hides our INFO lines. (Records propagating to
+  ancestor handlers skip the ancestors' levels, so setting a level on our logger ourselves would print INFO
+  lines past such a configuration; we never set one.)
+* An application that configured nothing sees INFO and above on stderr, prefixed ``[panovlm_flashpatch]``:
+  the per-component lines are the product's output.
+
+Under torchrun/accelerate only local rank 0 logs at INFO (the other ranks at DEBUG); a retry is a WARNING
+on every rank. A line that cannot be encoded for stderr (a non-ASCII path on an ASCII terminal) is
+written with escapes instead of raising.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import os
 import sys
 import threading
-import weakref
 
 LOGGER_NAME = "panovlm_flashpatch"
-#: Records kept for report(): the newest loads, so a long-running server does not grow forever.
-MAX_RECORDS = 512
+_PREFIX = "[panovlm_flashpatch] "
 
 _lock = threading.Lock()
-_records: collections.deque = collections.deque(maxlen=MAX_RECORDS)
-_by_model: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _once: set[str] = set()
 
 
-class _DefaultHandler(logging.StreamHandler):
-    """Prints our records only while the application has configured no logging of its own."""
-
-    def __init__(self):
-        super().__init__(stream=None)
-
-    def emit(self, record):
-        if logging.getLogger().handlers:
-            return  # the application's handlers get it through propagation
-        self.stream = sys.stderr  # follow redirections (pytest's capsys, contextlib.redirect_stderr)
-        super().emit(record)
-
-
 def get_logger() -> logging.Logger:
-    logger = logging.getLogger(LOGGER_NAME)
-    if not any(isinstance(h, _DefaultHandler) for h in logger.handlers):
-        handler = _DefaultHandler()
-        handler.setFormatter(logging.Formatter("[panovlm_flashpatch] %(message)s"))
-        logger.addHandler(handler)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-    return logger
+    return logging.getLogger(LOGGER_NAME)
+
+
+def _application_decides(logger: logging.Logger) -> bool:
+    if logging.getLogger().handlers or logger.level != logging.NOTSET:
+        return True
+    return any(not isinstance(h, logging.NullHandler) for h in logger.handlers) or not logger.propagate
+
+
+def write_safely(stream, text: str) -> None:
+    """Writes ``text``, escaping what the stream's encoding cannot hold (never raises for that)."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+
+def emit(level: int, message: str) -> None:
+    """Logs one message as README.md describes (see the module docstring)."""
+    logger = get_logger()
+    if _application_decides(logger):
+        logger.log(level, message)
+        return
+    if level < logging.INFO or logging.root.manager.disable >= level:
+        return
+    try:
+        write_safely(sys.stderr, _PREFIX + message + "\n")
+    except Exception:  # a closed or broken stderr must not cost the caller anything
+        pass
 
 
 def is_local_main_process() -> bool:
@@ -66,7 +78,13 @@ def log_once(key: str, level: int, message: str) -> None:
         if key in _once:
             return
         _once.add(key)
-    get_logger().log(level, message)
+    emit(level, message)
+
+
+def forget_once() -> None:
+    """Lets every once-only message be logged again (tests: "once" is per process)."""
+    with _lock:
+        _once.clear()
 
 
 def component_line(rec: dict) -> str:
@@ -74,37 +92,15 @@ def component_line(rec: dict) -> str:
     return f"{rec['role']}  {rec['class']}  [{rec['checkpoint']}]  → {rec['backend']}, {rec['dtype']}  ({rec['reason']})"
 
 
-def publish(records: list[dict], model=None) -> None:
-    """Stores the records of one load and logs one line per component."""
-    json.dumps(records)  # fail here, in our code, if a record ever stops being JSON-serialisable
-    with _lock:
-        _records.extend(records)
-        if model is not None:
-            try:
-                _by_model[model] = records
-            except TypeError:  # an object that cannot be weakly referenced: keep the global list only
-                pass
-    logger = get_logger()
-    level = info_level()
-    for rec in records:
-        logger.log(logging.WARNING if rec["retried"] else level, component_line(rec))
+def sentence(text: str, limit: int = 300) -> str:
+    """The first sentence of ``text`` (whitespace folded), whole; longer than ``limit``: cut at a word, with "…".
 
-
-def report(model=None) -> list[dict]:
-    """The records of every load so far (oldest first), or of one loaded model.
-
-    Each record is a JSON-serialisable dict with: ``checkpoint``, ``loaded_class``, ``component``
-    (sub-config key, ``""`` for a plain model), ``role``, ``class``, ``requested``, ``decision``,
-    ``backend`` (what the attention modules run), ``dtype``, ``reason``, ``retried``, and
-    ``attempts`` (each ``{attn_implementation, dtype, error}``).
+    transformers' messages end in long hints and links; a reason keeps what the error says, never half a word.
     """
-    with _lock:
-        if model is not None:
-            return [dict(r) for r in _by_model.get(model, [])]
-        return [dict(r) for r in _records]
-
-
-def clear() -> None:
-    with _lock:
-        _records.clear()
-        _by_model.clear()
+    text = " ".join(str(text).split())
+    end = text.find(". ")
+    first = text[: end + 1] if end > 0 else text
+    if len(first) <= limit:
+        return first
+    cut = first.rfind(" ", 0, limit)
+    return first[: cut if cut > 0 else limit].rstrip(",;:") + " …"

@@ -1,8 +1,10 @@
-"""Environment variables of the plugin: their names, their accepted values, and how they are read.
+"""The plugin's settings: the environment, overlaid by the options given to ``apply()``; one place for both.
 
-Every variable is read at call time (not cached), so a process can flip them between loads. An
-unknown value is never silently ignored: it is reported once, with the accepted values, and the
-plugin then takes the conservative reading given in the table below.
+Every load reads them afresh (:func:`current`), so a process can flip a variable between loads. The
+options passed to ``apply()`` are kept here as one overlay: an option passed wins over its variable, an
+option left out (None) keeps what an earlier ``apply()`` set, and ``remove()`` forgets them all. The
+start-up hook's own activation passes no option, so it never resets what the program asked for.
+Each setting remembers where it came from, so a message can name the switch the user actually used.
 """
 
 from __future__ import annotations
@@ -10,110 +12,118 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
+from typing import Mapping
 
+from . import _env
 from . import reporting
 
-# Names (documented in README.md, "Environment variables").
-DISABLE_FLASH_ATTN = "DISABLE_FLASH_ATTN"
-KEEP_SDPA = "PANOVLM_FLASHPATCH_KEEP_SDPA"
-AUTO = "PANOVLM_FLASHPATCH_AUTO"
-GENERATE_FA2 = "PANOVLM_FLASHPATCH_GENERATE_FA2"
-ENCODERS_FA2 = "PANOVLM_FLASHPATCH_ENCODERS_FA2"
-PADDING_FREE = "PANOVLM_FLASHPATCH_PADDING_FREE"
+# Re-exported names: the variables, documented in README.md ("Environment variables").
+DISABLE_FLASH_ATTN = _env.DISABLE_FLASH_ATTN
+KEEP_SDPA = _env.KEEP_SDPA
+AUTO = _env.AUTO
+GENERATE_FA2 = _env.GENERATE_FA2
+ENCODERS_FA2 = _env.ENCODERS_FA2
+PADDING_FREE = _env.PADDING_FREE
+LOSS_ONLY = _env.LOSS_ONLY
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
-#: PADDING_FREE's third value: pack, and leave ``logits`` out of a training output that has a loss.
-LOSS_ONLY = "loss_only"
-
-# What an unknown value means, chosen so that a typo never makes a run riskier than plain
-# transformers: a garbled DISABLE_FLASH_ATTN disables the plugin (the user was reaching for the
-# off switch), a garbled KEEP_SDPA keeps the caller's "sdpa", a garbled AUTO turns automatic
-# activation off, a garbled GENERATE_FA2 keeps generate() on SDPA and a garbled ENCODERS_FA2 keeps
-# encoders on SDPA (the measured faster choices), and a garbled PADDING_FREE leaves training forwards
-# padded (packing is opt-in).
-_ON_UNKNOWN = {DISABLE_FLASH_ATTN: True, KEEP_SDPA: True, AUTO: False, GENERATE_FA2: False, ENCODERS_FA2: False,
-               PADDING_FREE: False}
-_DEFAULT = {DISABLE_FLASH_ATTN: False, KEEP_SDPA: False, AUTO: True, GENERATE_FA2: False, ENCODERS_FA2: False,
-            PADDING_FREE: False}
-
+#: Setting -> its environment variable. The last four can also be given to ``apply()``.
+VARIABLE_OF = {
+    "disabled": DISABLE_FLASH_ATTN,
+    "auto": AUTO,
+    "keep_explicit_sdpa": KEEP_SDPA,
+    "encoders_fa2": ENCODERS_FA2,
+    "generate_fa2": GENERATE_FA2,
+    "padding_free": PADDING_FREE,
+}
+OPTIONS = ("keep_explicit_sdpa", "encoders_fa2", "generate_fa2", "padding_free")
+_ACCEPTED = {"padding_free": (True, False, LOSS_ONLY)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The plugin's settings as read from the environment at one moment.
+    """The settings at one moment.
 
     Attributes:
         disabled: ``DISABLE_FLASH_ATTN`` is set: every load passes through untouched.
-        keep_explicit_sdpa: ``PANOVLM_FLASHPATCH_KEEP_SDPA`` is set: a caller's explicit
-            ``attn_implementation="sdpa"`` is kept; only an unset request is upgraded.
-        auto: ``PANOVLM_FLASHPATCH_AUTO`` is not turned off: the start-up hook may apply the patch.
-        encoders_fa2: ``PANOVLM_FLASHPATCH_ENCODERS_FA2`` is set: vision/text/audio encoders may get
-            FlashAttention-2 too (by default they keep SDPA, measured faster for them).
+        auto: the start-up hook may apply the patch (``PANOVLM_FLASHPATCH_AUTO`` not turned off).
+        keep_explicit_sdpa: a caller's explicit ``attn_implementation="sdpa"`` is kept.
+        encoders_fa2: vision/text/audio encoders may get FlashAttention-2 (by default they keep SDPA).
+        generate_fa2: ``generate()`` stays on FlashAttention-2 (by default it runs on SDPA).
+        padding_free: True, False or ``"loss_only"``: padded training forwards of causal LMs run packed.
         problems: one message per variable whose value was not understood.
+        sources: setting -> where its value came from (``"apply(padding_free=True)"``,
+            ``"PANOVLM_FLASHPATCH_KEEP_SDPA=1"``, or ``"default"``).
     """
 
     disabled: bool = False
-    keep_explicit_sdpa: bool = False
     auto: bool = True
+    keep_explicit_sdpa: bool = False
     encoders_fa2: bool = False
+    generate_fa2: bool = False
     padding_free: bool | str = False
     problems: tuple[str, ...] = ()
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def source(self, setting: str) -> str:
+        """Where ``setting`` came from, for a message: the option or variable to change."""
+        return self.sources.get(setting, "default")
 
 
-def parse_flag(name: str, environ=None) -> tuple[bool, str | None]:
-    """Reads one boolean variable.
+_lock = threading.Lock()
+_overrides: dict[str, object] = {}
 
-    Returns:
-        ``(value, problem)``: ``problem`` is None when the value was understood, else a message that
-        names the variable, the value, the accepted values and what the plugin does instead.
-    """
+
+def set_overrides(**options) -> None:
+    """Keeps the options given to ``apply()`` (None: leave as it is). Raises ValueError on a bad value,
+    before anything is changed."""
+    for name, value in options.items():
+        if name not in OPTIONS:
+            raise TypeError(f"apply() got an unexpected option {name!r} (options: {', '.join(OPTIONS)})")
+        accepted = _ACCEPTED.get(name, (True, False))
+        if value is not None and value not in accepted:
+            raise ValueError(f"{name}={value!r}: use {', '.join(repr(a) for a in accepted)} or None "
+                             f"(None keeps the current setting; unset, {VARIABLE_OF[name]} decides)")
+    with _lock:
+        _overrides.update({k: v for k, v in options.items() if v is not None})
+
+
+def clear_overrides() -> None:
+    with _lock:
+        _overrides.clear()
+
+
+def overrides() -> dict[str, object]:
+    with _lock:
+        return dict(_overrides)
+
+
+def current(environ=None) -> Settings:
+    """The environment overlaid by ``apply()``'s options; reports each misunderstood value once (a warning)."""
     env = os.environ if environ is None else environ
-    raw = env.get(name)
-    if raw is None:
-        return _DEFAULT[name], None
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True, None
-    if value in _FALSE:
-        return False, None
-    fallback = _ON_UNKNOWN[name]
-    problem = (
-        f"{name}={raw!r} is not understood; accepted values are 1/true/yes/on or 0/false/no/off "
-        f"(empty means unset). Treating it as {'set' if fallback else 'unset'}."
-    )
-    return fallback, problem
+    values, sources, problems = {}, {}, []
+    given = overrides()
+    for setting, name in VARIABLE_OF.items():
+        value, problem = _env.read(name, env)
+        if problem:
+            problems.append(problem)
+            # Keyed by the message: one warning per bad value per process.
+            reporting.log_once(problem, logging.WARNING, problem)
+        raw = (env.get(name) or "").strip()
+        if setting in given:
+            value = given[setting]
+            sources[setting] = f"apply({setting}={value!r})"
+        else:
+            sources[setting] = f"{name}={raw}" if raw else "default"
+        values[setting] = value
+    return Settings(problems=tuple(problems), sources=sources, **values)
 
 
-def parse_padding_free(environ=None) -> tuple[bool | str, str | None]:
-    """Reads ``PANOVLM_FLASHPATCH_PADDING_FREE``: a boolean, or ``loss_only``."""
+#: Kept for callers of the 0.1 API.
+read = current
+
+
+def known_variables(environ=None) -> dict[str, str | None]:
+    """The raw values of our variables in this process (None when unset), for the doctor."""
     env = os.environ if environ is None else environ
-    raw = env.get(PADDING_FREE)
-    if raw is not None and raw.strip().lower().replace("-", "_") == LOSS_ONLY:
-        return LOSS_ONLY, None
-    value, problem = parse_flag(PADDING_FREE, environ)
-    if problem:
-        problem = problem.replace("accepted values are 1/true/yes/on", f"accepted values are {LOSS_ONLY}, 1/true/yes/on")
-    return value, problem
-
-
-def read(environ=None) -> Settings:
-    """Reads every variable; reports each misunderstood value once per process (as a warning)."""
-    disabled, p1 = parse_flag(DISABLE_FLASH_ATTN, environ)
-    keep, p2 = parse_flag(KEEP_SDPA, environ)
-    auto, p3 = parse_flag(AUTO, environ)
-    _, p4 = parse_flag(GENERATE_FA2, environ)  # read per generate() call by phases.py
-    encoders, p5 = parse_flag(ENCODERS_FA2, environ)
-    padding_free, p6 = parse_padding_free(environ)
-    problems = tuple(p for p in (p1, p2, p3, p4, p5, p6) if p)
-    for problem in problems:
-        # Keyed by the message, as phases.py reports GENERATE_FA2: one warning per bad value.
-        reporting.log_once(problem, logging.WARNING, problem)
-    return Settings(disabled=disabled, keep_explicit_sdpa=keep, auto=auto, encoders_fa2=encoders,
-                    padding_free=padding_free, problems=problems)
-
-
-def known_variables() -> dict[str, str | None]:
-    """The raw values of our variables as set in this process (None when unset), for the doctor."""
-    return {name: os.environ.get(name) for name in (DISABLE_FLASH_ATTN, KEEP_SDPA, AUTO, GENERATE_FA2, ENCODERS_FA2,
-                                                 PADDING_FREE)}
+    return {name: env.get(name) for name in _env.NAMES}

@@ -66,16 +66,16 @@ def _clean_state(monkeypatch):
     panovlm_flashpatch.clear_report()
     from panovlm_flashpatch import reporting
 
-    reporting._once.clear()  # "logged once" is per process; each test checks its own messages
+    reporting.forget_once()  # "logged once" is per process; each test checks its own messages
     default_dtype = torch.get_default_dtype()
-    from panovlm_flashpatch import patch as patch_module
+    from panovlm_flashpatch import _safety
 
-    patch_module.internal_errors.clear()
+    _safety.internal_errors.clear()
     yield
     panovlm_flashpatch.remove()
     panovlm_flashpatch.clear_report()
     assert torch.get_default_dtype() == default_dtype, "a load leaked torch's default dtype"
-    assert patch_module.internal_errors == [], "the plugin's safety net absorbed its own error"
+    assert _safety.internal_errors == [], "the plugin's safety net absorbed its own error"
 
 
 @pytest.fixture
@@ -120,3 +120,15 @@ def without_plugin(load):
     finally:
         if was:
             panovlm_flashpatch.apply()
+
+
+@pytest.fixture
+def emulated(monkeypatch, patched):
+    """The patch applied, the probe faked capable, and FlashAttention-2 really running on the CPU
+    through tests/emulated_flash_attn (transformers >= 4.54; skips before). Returns the stand-in kernel
+    module: ``emulated.CALLS`` counts its calls."""
+    import emulation
+
+    kernel = emulation.activate(monkeypatch, caps)
+    yield kernel
+    emulation.deactivate()

@@ -187,3 +187,91 @@ def test_hook_registered_after_transformers_was_imported_applies_at_once(wheel_e
                env={"PANOVLM_FLASHPATCH_AUTO": "0"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "FunctionWrapper"
+
+
+# --- issue 12: start-up must never be the reason a program fails ------------------------------------------
+
+
+def test_options_given_before_transformers_is_imported_survive_automatic_activation(wheel_env, tmp_path, ckpts):
+    # Fault: the start-up hook's own apply() re-entered and reset apply(padding_free=True) to off.
+    script = tmp_path / "options_first.py"
+    script.write_text(
+        "import sys, panovlm_flashpatch\n"
+        "assert panovlm_flashpatch.apply(padding_free=True)\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from panovlm_flashpatch.runtime import padding_free\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print('armed', padding_free.is_armed(model))\n"
+    )
+    done = run(wheel_env, str(script), ckpts["lm"])
+    assert done.returncode == 0, done.stderr
+    assert "armed True" in done.stdout
+
+
+def test_an_empty_auto_variable_means_not_set(wheel_env, user_script, ckpts):
+    # Fault: PANOVLM_FLASHPATCH_AUTO= (empty) silently turned automatic activation off.
+    done = run(wheel_env, user_script, ckpts["lm"], env={"PANOVLM_FLASHPATCH_AUTO": ""})
+    assert done.returncode == 0, done.stderr
+    assert "wrapped FunctionWrapper" in done.stdout and "not understood" not in done.stderr
+
+
+def test_a_stale_editable_install_prints_nothing_at_start_up(tmp_path):
+    # Fault: with the source tree deleted, every Python start printed a traceback from panovlm_flashpatch.pth.
+    import shutil
+
+    source = tmp_path / "checkout"
+    source.mkdir()
+    for name in ("panovlm_flashpatch", "pyproject.toml", "README.md", "panovlm_flashpatch.pth"):
+        copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy
+        copy(os.path.join(ROOT, name), source / name)
+    python, site_dir = _fresh_env(tmp_path / "env")
+    done = subprocess.run([python, "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps",
+                           "--no-build-isolation", "--no-index", "-e", str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert run(python, "-c", "import sys; print('panovlm_flashpatch._bootstrap' in sys.modules)").stdout.strip() == "True"
+    shutil.rmtree(source)
+    done = run(python, "-c", "print('started')")
+    assert done.returncode == 0 and done.stdout.strip() == "started"
+    assert "panovlm_flashpatch" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_applications_logging_level_decides(wheel_env, tmp_path, ckpts):
+    # Fault: after logging.basicConfig(level=logging.WARNING) the plugin's INFO lines still printed.
+    for level, shown in (("WARNING", False), ("INFO", True)):
+        script = tmp_path / f"logging_{level}.py"
+        script.write_text(f"import logging\nlogging.basicConfig(level=logging.{level})\n" + USER_SCRIPT)
+        done = run(wheel_env, str(script), ckpts["lm"])
+        assert done.returncode == 0, done.stderr
+        assert ("INFO:panovlm_flashpatch:language model" in done.stderr) is shown, done.stderr
+        assert "[panovlm_flashpatch]" not in done.stderr  # the application's format, never ours on top
+
+
+BROKEN_CUDA_BOX = (
+    "import torch\n"
+    "torch.cuda.is_available = lambda: True  # a GPU machine whose flash-attn build no longer matches torch\n"
+    "torch.version.cuda = '12.4'\n"
+)
+
+
+def test_a_broken_flash_attn_build_does_not_break_model_imports(wheel_env, tmp_path, ckpts):
+    # Fault (transformers <= 4.53): importing any model module raised "Failed to import
+    # transformers.models.qwen2.modeling_qwen2 ... undefined symbol" once flash-attn's metadata was there.
+    from test_probe import fake_flash_attn
+
+    fake = tmp_path / "site"
+    fake.mkdir()
+    fake_flash_attn(fake, "2.8.3", "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice')\n")
+    script = tmp_path / "broken_box.py"
+    script.write_text(BROKEN_CUDA_BOX + USER_SCRIPT)
+    env = {"PYTHONPATH": str(fake)}
+    done = run(wheel_env, str(script), ckpts["lm"], env=env)
+    assert done.returncode == 0, done.stderr
+    assert "backend sdpa" in done.stdout and "undefined symbol" in done.stderr
+    import transformers
+
+    from panovlm_flashpatch.compat import parse_version
+
+    if parse_version(transformers.__version__)[:2] < (4, 54):
+        assert "told flash-attn is unavailable" in done.stderr
+        plain = run(wheel_env, str(script), ckpts["lm"], env={**env, "PANOVLM_FLASHPATCH_AUTO": "0"})
+        assert plain.returncode != 0 and "undefined symbol" in plain.stderr  # the fault, without the plugin

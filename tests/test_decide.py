@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import pytest
 
-from panovlm_flashpatch.compat import facts_for
+from panovlm_flashpatch.compat import AttentionCode, facts_for
 from panovlm_flashpatch.components import Component
-from panovlm_flashpatch.decide import FA2, Placement, Request, decide
+from panovlm_flashpatch.decide import FA2, PLUGIN_CONFIG, Placement, Request, decide
 from panovlm_flashpatch.settings import Settings
 
 from conftest import FAKE_GPU, caps
 
 NEW = facts_for("5.23.0")
-LM = Component(key="", role="language model", model_class="Qwen3ForCausalLM", supports_fa2=True, head_dim=128, output_attentions=False)
+SWITCHABLE = AttentionCode("interface", "transformers.models.qwen3.modeling_qwen3")
+
+
+def component(key, role, cls, supports=True, head_dim=16, output_attentions=False, attention=SWITCHABLE):
+    return Component(key, role, cls, supports, head_dim, output_attentions, attention)
+
+
+LM = component("", "language model", "Qwen3ForCausalLM", head_dim=128)
 
 
 def run(request=None, capabilities=None, components=(LM,), placement=Placement(), settings=Settings(), facts=NEW, **req):
-    request = request or Request(attn={c.key: req.get("attn") for c in components}, dtype=req.get("dtype"), checkpoint_dtype=req.get("checkpoint_dtype"))
+    dtype, ckpt = req.get("dtype"), req.get("checkpoint_dtype")
+    load_dtype = req.get("load_dtype", (ckpt or "float32") if dtype in (None, "auto") else dtype)
+    request = request or Request(attn={c.key: req.get("attn") for c in components}, dtype=dtype, checkpoint_dtype=ckpt,
+                                 load_dtype=load_dtype)
     return decide(request, capabilities or caps(), components, placement, settings, facts)
 
 
@@ -44,6 +54,14 @@ def test_keep_explicit_sdpa_setting():
     assert run(attn=None, settings=Settings(keep_explicit_sdpa=True)).changed
 
 
+@pytest.mark.parametrize("source", ["PANOVLM_FLASHPATCH_KEEP_SDPA=1", "apply(keep_explicit_sdpa=True)"])
+def test_the_keep_sdpa_reason_names_the_switch_that_was_used(source):
+    # Fault: the reason named PANOVLM_FLASHPATCH_KEEP_SDPA when the option came from apply().
+    s = Settings(keep_explicit_sdpa=True, sources={"keep_explicit_sdpa": source})
+    (c,) = run(attn="sdpa", settings=s).choices
+    assert c.reason == f"caller chose 'sdpa' and {source} keeps it"
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -66,9 +84,13 @@ def test_environment_blockers_have_reasons_with_values(overrides, expected):
 @pytest.mark.parametrize(
     "component, expected",
     [
-        (Component("", "vision encoder", "Siglip2VisionModel", False, 64, False), "Siglip2VisionModel does not support FlashAttention-2"),
-        (Component("", "language model", "BigHead", True, 288, False), "needs head_dim <= 256, found 288"),
-        (Component("", "language model", "Qwen3ForCausalLM", True, 128, True), "output_attentions"),
+        (component("", "vision encoder", "Siglip2VisionModel", False, 64), "Siglip2VisionModel does not support FlashAttention-2"),
+        (component("", "language model", "BigHead", head_dim=288), "needs head_dim <= 256, found 288"),
+        (component("", "language model", "Qwen3ForCausalLM", output_attentions=True), "output_attentions"),
+        (component("", "language model", "RemoteLM", attention=AttentionCode("own", "transformers_modules.x.modeling_x")),
+         "computes attention in its own code (transformers_modules.x.modeling_x), which calls neither flash-attn"),
+        (component("", "language model", "OldLM", attention=AttentionCode("fixed", "m")), "cannot change its attention backend per forward"),
+        (component("", "language model", "ReplLM", attention=AttentionCode("unknown")), "cannot read ReplLM's attention code"),
     ],
 )
 def test_component_blockers(component, expected):
@@ -78,11 +100,19 @@ def test_component_blockers(component, expected):
 
 @pytest.mark.parametrize("role", ["vision encoder", "text encoder", "audio encoder"])
 def test_encoders_keep_sdpa_unless_asked(role):
-    comp = Component("", role, "SiglipVisionModel", True, 64, False)
+    comp = component("", role, "SiglipVisionModel", head_dim=64)
     (c,) = run(components=(comp,)).choices
     assert not c.upgraded and "encoders keep SDPA" in c.reason and "PANOVLM_FLASHPATCH_ENCODERS_FA2=1" in c.reason
     (c,) = run(components=(comp,), settings=Settings(encoders_fa2=True)).choices
     assert c.upgraded and c.backend == FA2
+
+
+def test_the_encoder_switch_is_named_only_where_it_would_help():
+    # Fault: "Siglip2VisionModel does not support FlashAttention-2; ... PANOVLM_FLASHPATCH_ENCODERS_FA2=1 to use it".
+    comp = component("", "vision encoder", "Siglip2VisionModel", supports=False)
+    (c,) = run(components=(comp,)).choices
+    assert "does not support FlashAttention-2" in c.reason and "encoders keep SDPA" in c.reason
+    assert "ENCODERS_FA2" not in c.reason
 
 
 def test_offload_keeps_sdpa():
@@ -97,32 +127,59 @@ def test_explicit_half_dtype_kept(dtype):
     assert d.changed and d.inject_dtype is None and f"dtype {dtype} kept" in d.dtype_note
 
 
-def test_explicit_float32_keeps_fa2_only_where_transformers_autocasts():
-    new = run(dtype="float32", facts=facts_for("4.48.0"))
-    assert new.changed and new.inject_dtype is None and "autocast" in new.dtype_note
-    old = run(dtype="float32", facts=facts_for("4.47.1"))
-    assert not old.changed and "needs transformers >= 4.48" in old.choices[0].reason
+@pytest.mark.parametrize("version", ["4.46.3", "4.57.6", "5.24.0"])
+def test_float32_keeps_fa2_with_the_per_forward_fallback_and_injects_nothing(version):
+    # The runtime switch (runtime/dispatch.py) gives forwards FA2 cannot run (fp32 outside autocast) to SDPA.
+    for request in (dict(dtype="float32"), dict(dtype="auto", checkpoint_dtype="float32")):
+        d = run(facts=facts_for(version), **request)
+        assert d.changed and d.inject_dtype is None and "autocast" in d.dtype_note
 
 
 def test_dtype_auto_follows_the_checkpoint():
-    assert run(dtype="auto", checkpoint_dtype="bfloat16", facts=facts_for("4.47.0")).changed
-    assert not run(dtype="auto", checkpoint_dtype="float32", facts=facts_for("4.47.0")).changed
+    d = run(dtype="auto", checkpoint_dtype="bfloat16")
+    assert d.changed and d.inject_dtype is None and "bfloat16" in d.dtype_note
+
+
+@pytest.mark.parametrize("checkpoint", ["float16", "bfloat16"])
+def test_no_dtype_injects_bf16_only_where_transformers_would_load_float32(checkpoint):
+    # Fault: an fp16 checkpoint loaded with no dtype became bf16 on transformers 5 (which keeps fp16).
+    d = run(checkpoint_dtype=checkpoint, load_dtype=checkpoint)
+    assert d.changed and d.inject_dtype is None and f"{checkpoint}, the checkpoint's dtype" in d.dtype_note
+    assert run(load_dtype="float32").inject_dtype == "bfloat16"
+
+
+def test_a_float64_load_keeps_sdpa():
+    (c,) = run(dtype="float64").choices
+    assert not c.upgraded and "found dtype float64" in c.reason
+
+
+def test_a_request_read_from_a_plugin_config_is_the_callers_original_one():
+    # Fault: from_pretrained(other, config=plugin_model.config) logged "caller chose 'flash_attention_2'".
+    request = Request(attn={"": None}, load_dtype="float32", requested_from={"": PLUGIN_CONFIG})
+    d = run(request=request)
+    (c,) = d.choices
+    assert c.upgraded and "caller chose" not in c.reason and PLUGIN_CONFIG in c.reason
+    blocked = run(request=request, capabilities=caps(cuda_available=False, devices=()))
+    # Not upgraded, the caller's own backend is named explicitly (the config says flash_attention_2).
+    assert blocked.overrides_config and blocked.attn_argument() == "sdpa"
 
 
 def test_composite_gets_a_dict_with_only_what_is_set():
-    text = Component("text_config", "language model", "Qwen3Model", True, 16, False)
-    vision = Component("vision_config", "vision encoder", "Siglip2VisionModel", False, 8, False)
-    request = Request(attn={"text_config": "sdpa", "vision_config": "sdpa"}, root_attn="sdpa")
+    text = component("text_config", "language model", "Qwen3Model")
+    vision = component("vision_config", "vision encoder", "Siglip2VisionModel", supports=False, head_dim=8)
+    request = Request(attn={"text_config": "sdpa", "vision_config": "sdpa"}, root_attn="sdpa", load_dtype="float32")
     d = decide(request, caps(), (text, vision), Placement(), Settings(), NEW)
     assert d.attn_argument() == {"text_config": FA2, "vision_config": "sdpa", "": "sdpa"}
-    unset = decide(Request(attn={"text_config": None, "vision_config": None}), caps(), (text, vision), Placement(), Settings(), NEW)
+    unset = decide(Request(attn={"text_config": None, "vision_config": None}, load_dtype="float32"), caps(), (text, vision),
+                   Placement(), Settings(), NEW)
     assert unset.attn_argument() == {"text_config": FA2}
 
 
 def test_giving_back_the_last_fa2_component_drops_the_bf16_injection():
-    text = Component("text_config", "language model", "Qwen3Model", True, 16, False)
-    vision = Component("vision_config", "vision encoder", "SiglipVisionModel", True, 8, False)
-    d = decide(Request(attn={"text_config": None, "vision_config": None}), caps(), (text, vision), Placement(), Settings(encoders_fa2=True), NEW)
+    text = component("text_config", "language model", "Qwen3Model")
+    vision = component("vision_config", "vision encoder", "SiglipVisionModel", head_dim=8)
+    d = decide(Request(attn={"text_config": None, "vision_config": None}, load_dtype="float32"), caps(), (text, vision),
+               Placement(), Settings(encoders_fa2=True), NEW)
     half = d.without_fa2({"vision_config"}, "refused")
     assert half.changed and half.inject_dtype == "bfloat16"
     assert half.attn_argument() == {"text_config": FA2}

@@ -60,3 +60,39 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "panovlm_flashpatch", "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["panovlm_flashpatch.version"]
+
+
+def test_the_dry_run_names_the_off_switch(capsys, ckpts, monkeypatch):
+    # Fault: under DISABLE_FLASH_ATTN=1 the --model reason said "needs a CUDA GPU", not that the plugin was off.
+    monkeypatch.setenv("DISABLE_FLASH_ATTN", "1")
+    code, out, _ = run(capsys, "--model", ckpts["lm"], "--json")
+    info = json.loads(out)
+    assert code == 0 and "DISABLE_FLASH_ATTN=1: the plugin is off" in info["model.reason"]
+
+
+def test_the_dry_run_uses_the_loaders_planner(capsys, ckpts):
+    code, out, _ = run(capsys, "--model", ckpts["lm"], "--dtype", "float32", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["model.model.dtype"] == "float32" and info["model.model.role"] == "language model"
+
+
+def test_a_non_ascii_path_on_an_ascii_terminal(tmp_path, ckpts):
+    # Fault: UnicodeEncodeError and exit 1 (documented exit codes: 0 and 2).
+    import shutil
+
+    path = tmp_path / "modèle-中文"
+    shutil.copytree(ckpts["lm"], path)
+    env = {**__import__("os").environ, "PYTHONIOENCODING": "ascii", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "panovlm_flashpatch", "--model", str(path)], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "mod\\xe8le-\\u4e2d\\u6587" in done.stdout and "Traceback" not in done.stderr
+    missing = subprocess.run([sys.executable, "-m", "panovlm_flashpatch", "--model", str(tmp_path / "ça")],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_an_unreadable_config_is_exit_2(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{ not json")
+    code, out, err = run(capsys, "--model", str(tmp_path))
+    assert code == 2 and "cannot be read" in err

@@ -1,4 +1,4 @@
-"""Padding-free training (padding_free.py): a packed forward must be indistinguishable from the padded one.
+"""Padding-free training (runtime/padding_free.py): a packed forward must be indistinguishable from the padded one.
 
 Each test loads the same tiny checkpoint twice through the real ``from_pretrained``: once plain
 (the reference, loaded before the patch is applied) and once through the plugin with padding-free
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import transformers
 
 import panovlm_flashpatch
-from panovlm_flashpatch import padding_free, tiny
+from panovlm_flashpatch import tiny
+from panovlm_flashpatch.runtime import padding_free
 from panovlm_flashpatch import settings as settings_module
 
 
@@ -260,7 +261,8 @@ def test_no_padding_eval_mode_and_given_positions(lms, caplog):
     with caplog.at_level(logging.INFO, logger="panovlm_flashpatch"):
         packed(**full)  # nothing to remove: padded path, silently
         packed.eval()
-        packed(**padded_batch("right"))  # not training: padded path, silently
+        with torch.no_grad():
+            packed(**padded_batch("right"))  # evaluation: padded path, silently
     assert spy.batches == [4, 4]
     assert not any("padded) path" in r.getMessage() for r in caplog.records)
     packed.train()
@@ -327,6 +329,7 @@ def test_remove_restores_the_forward(lms):
 @needs_packed_masks
 def test_loss_only_leaves_logits_out_of_outputs_with_a_loss(lms, monkeypatch):
     reference, _ = load_pair(lms["qwen"])
+    panovlm_flashpatch.remove()  # forgets load_pair's apply(padding_free=True): the variable decides again
     monkeypatch.setenv(settings_module.PADDING_FREE, "loss-only")
     assert panovlm_flashpatch.apply()
     packed = transformers.AutoModelForCausalLM.from_pretrained(lms["qwen"], attn_implementation="sdpa").train()
@@ -355,7 +358,7 @@ def test_a_batch_packed_by_the_caller_passes_through_silently(lms, caplog):
 
 @needs_packed_masks
 def test_fault_a_packing_bug_runs_the_step_padded(lms, monkeypatch, caplog):
-    from panovlm_flashpatch import patch as patch_module
+    from panovlm_flashpatch import _safety
 
     reference, packed = load_pair(lms["qwen"])
 
@@ -367,9 +370,9 @@ def test_fault_a_packing_bug_runs_the_step_padded(lms, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="panovlm_flashpatch"):
         got, expected = run(packed, batch), run(reference, batch)
     assert torch.equal(got[2], expected[2])
-    assert "could not pack a forward of Qwen" in caplog.text and "a bug of ours" in caplog.text
-    assert patch_module.internal_errors == ["padding-free: IndexError: a bug of ours"]
-    patch_module.internal_errors.clear()  # expected here; every other test asserts there are none
+    assert "a forward of Qwen" in caplog.text and "ran padded" in caplog.text and "a bug of ours" in caplog.text
+    assert _safety.internal_errors == ["padding-free: IndexError: a bug of ours"]
+    _safety.internal_errors.clear()  # expected here; every other test asserts there are none
 
 
 @needs_packed_masks

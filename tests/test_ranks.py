@@ -11,7 +11,7 @@ from torch.distributed import distributed_c10d
 import panovlm_flashpatch
 
 
-from panovlm_flashpatch.ranks import disagreement  # noqa: E402
+from panovlm_flashpatch.runtime.ranks import disagreement  # noqa: E402
 
 
 def test_the_disagreement_message_names_ranks_and_reasons():

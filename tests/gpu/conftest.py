@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import panovlm_flashpatch
+from panovlm_flashpatch import _safety
 from panovlm_flashpatch import probe as probe_module
 
 
@@ -32,12 +33,11 @@ def kernel_calls(monkeypatch):
 
 @pytest.fixture
 def applied():
-    from panovlm_flashpatch import patch as patch_module
 
     panovlm_flashpatch.remove()
     panovlm_flashpatch.clear_report()
-    patch_module.internal_errors.clear()
+    _safety.internal_errors.clear()
     assert panovlm_flashpatch.apply()
     yield
     panovlm_flashpatch.remove()
-    assert patch_module.internal_errors == []
+    assert _safety.internal_errors == []

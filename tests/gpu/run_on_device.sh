@@ -46,5 +46,16 @@ echo "== flash-attn installed but its extension broken (a shadow flash_attn_2_cu
 mkdir -p "$work/broken" && echo "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c1017SymInt (simulated)')" > "$work/broken/flash_attn_2_cuda.py"
 PYTHONPATH="$work/broken" python3 "$work/user.py" "$work/lm"
 
+if [ -n "${ONLY_BENCH:-}" ]; then BENCH=$ONLY_BENCH; fi
+if [ -z "${ONLY_BENCH:-}" ]; then
 echo "== GPU test suite"
-cd "$repo" && python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+cd "$repo" && python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rs
+fi
+cd "$repo"
+
+# Optional: BENCH=generate,train runs those workloads side by side (plain vs plugin), 2 interleaved repeats.
+if [ -n "${BENCH:-}" ]; then
+  echo "== benchmark: $BENCH"
+  python3 benchmarks/run.py --repeats "${REPEATS:-2}" --workloads "$BENCH" ${MODES:+--modes "$MODES"} --root /tmp/ck \
+    --out "${OUT:-/tmp}/bench"
+fi

@@ -12,7 +12,8 @@ import torch
 import transformers
 
 import panovlm_flashpatch
-from panovlm_flashpatch import padding_free, tiny
+from panovlm_flashpatch import tiny
+from panovlm_flashpatch.runtime import padding_free
 
 from gpu.conftest import skip_without_fa2
 

@@ -10,9 +10,9 @@ CPU), 1.88x and 0.55 at batch 16.
 What one packed forward does (``_forward_wrapper``):
 
 1. Host-side gates, no device work: the model is armed (loaded through the plugin with the switch
-   on, a verified architecture), in training mode, on a backend that separates packed sequences by
-   ``position_ids`` in this transformers, and the call has nothing we cannot reproduce (a cache, a
-   4D mask, an unknown argument).
+   on, a verified architecture), the forward is a training forward (see below), the backend this
+   forward runs on (after dispatch.py) separates packed sequences by ``position_ids`` in this
+   transformers, and the call has nothing we cannot reproduce (a cache, a 4D mask, an unknown argument).
 2. One device-to-host read of a few flags (``_inspect``): is there padding, is every row one
    contiguous run of tokens, do the labels allow packing (see below), the number of real tokens.
 3. The real tokens (``input_ids`` or ``inputs_embeds``) are gathered into one row with restarting
@@ -20,6 +20,12 @@ What one packed forward does (``_forward_wrapper``):
    predicts across a boundary. The model runs once on that row with ``use_cache=False``.
 4. Logits, hidden states and attentions are scattered back to the caller's padded shapes; padding
    positions hold zeros. ``past_key_values`` is None (a training forward has no use for it).
+
+A training forward is one of a model in training mode, or one that records gradients and has labels:
+Lightning keeps every submodule in the mode it had when training started, and ``from_pretrained`` returns
+models in eval mode, so a language model nobody called ``.train()`` on still trains in eval mode. A forward
+in eval mode that records gradients without labels stays padded (the caller's own loss may read any
+position), and says so once.
 
 When packing would change the result, the forward takes the normal path instead (logged once per
 reason): a left-padded row whose first real label is not ignored (the padded run predicts it from a
@@ -32,16 +38,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import logging
 import sys
-import threading
-import weakref
 
-from . import reporting
-from ._wrapping import unwrap, wrap_once
+import torch
+
+from .. import _safety, reporting, state
 
 FA2 = "flash_attention_2"
-_MARKER = "_self_panovlm_flashpatch_padding_free"
 IGNORE_INDEX = -100
 
 #: Model types whose packed forward is verified equal to the padded one (tests/test_padding_free.py on
@@ -55,12 +58,8 @@ VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _HANDLED = frozenset({
     "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels", "use_cache",
     "output_attentions", "output_hidden_states", "return_dict", "cache_position", "logits_to_keep",
-    "num_logits_to_keep", "num_items_in_batch",
+    "num_logits_to_keep", "num_items_in_batch", "cache",
 })
-
-_lock = threading.RLock()
-_armed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_installed: dict[type, tuple[object, object]] = {}  # class defining forward -> (original entry, our wrapper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +74,12 @@ class Status:
     loss_only: bool = False
 
     def describe(self) -> str:
-        state = "on" if self.active else ("armed, inactive" if self.armed else "off")
+        mode = "on" if self.active else ("armed, inactive" if self.armed else "off")
         extra = "; outputs with a loss carry no logits (loss_only)" if self.armed and self.loss_only else ""
-        return f"padding-free {state}: {self.reason}{extra}"
+        return f"padding-free {mode}: {self.reason}{extra}"
+
+    def to_state(self) -> dict:
+        return {"armed": self.armed, "active": self.active, "loss_only": self.loss_only, "reason": self.reason}
 
 
 def sdpa_separates_packed() -> bool:
@@ -148,19 +150,22 @@ def _is_causal_lm(cls) -> bool:
 
 
 def arm(model, loss_only: bool = False) -> Status:
-    """Registers ``model`` for packing (and wraps its class's forward once)."""
+    """Arms ``model`` for packing: its state says so, and its class's forward is wrapped (runtime/forward.py)."""
+    from . import forward
+
     status = dataclasses.replace(status_for(model), loss_only=loss_only)
-    if not status.armed:
-        return status
-    with _lock:
-        _install(type(model))
-        _armed[model] = status
+    if status.armed:
+        forward.ensure(type(model))
+        state.ensure(model)["padding_free"] = status.to_state()
     return status
 
 
 def is_armed(model) -> bool:
-    with _lock:
-        return model in _armed
+    """Armed, and its class's forward still wrapped (``remove()`` unwraps every class)."""
+    from . import forward
+
+    st = state.of(model)
+    return bool(st and st.get("padding_free", {}).get("armed")) and forward.is_wrapped(type(model))
 
 
 def _defining_forward(cls) -> tuple[type, object]:
@@ -196,56 +201,44 @@ def _bind(wrapped, args, kwargs) -> dict:
     return arguments
 
 
-def _install(cls) -> None:
-    owner, _ = _defining_forward(cls)
-    done = wrap_once(owner, "forward", _forward_wrapper, _MARKER)
-    if done is not None:
-        _installed[owner] = done
-
-
-def uninstall() -> None:
-    """Restores every forward we wrapped (armed models then run unpacked)."""
-    with _lock:
-        for owner, (original, wrapper) in list(_installed.items()):
-            unwrap(owner, "forward", original, wrapper)
-            del _installed[owner]
-        _armed.clear()
-
-
 def _skip(model, key: str, message: str) -> None:
     reporting.log_once(f"padding-free:{type(model).__name__}:{key}", reporting.info_level(),
                        f"padding-free: {type(model).__name__} takes the normal (padded) path: {message}")
 
 
-def _forward_wrapper(wrapped, instance, args, kwargs):
-    with _lock:
-        status = _armed.get(instance) if instance is not None else None
-    if status is None or not instance.training:
-        return wrapped(*args, **kwargs)
+def forward(wrapped, instance, args, kwargs, packing: dict):
+    """One forward of an armed model (called by runtime/forward.py): packed when it can be, else as called."""
+    if not instance.training and not torch.is_grad_enabled():
+        return wrapped(*args, **kwargs)  # evaluation or inference: never packed
     try:
         call = _bind(wrapped, args, kwargs)
     except TypeError:
         return wrapped(*args, **kwargs)  # let transformers raise its own error
     try:
-        packing = _prepare(instance, call)
+        packed = _prepare(instance, call) if _training_forward(instance, call) else None
     except Exception as exc:  # a bug of ours must never cost the caller a training step
-        _absorbed(instance, exc)
+        _safety.absorb("padding-free", exc, f"a forward of {type(instance).__name__} ran padded")
         return wrapped(*args, **kwargs)
-    if packing is None:
+    if packed is None:
         return wrapped(*args, **kwargs)
-    layout, packed_call = packing
+    layout, packed_call = packed
     output = wrapped(**packed_call)
-    drop_logits = status.loss_only and getattr(output, "loss", None) is not None
+    drop_logits = packing.get("loss_only") and getattr(output, "loss", None) is not None
     return _unpack_output(output, layout, _wants_dict(instance, call), drop_logits)
 
 
-def _absorbed(model, exc: Exception) -> None:
-    from .patch import _absorbed as absorb
-
-    absorb(f"padding-free: {type(exc).__name__}: {exc}")
-    reporting.log_once(f"padding-free-error:{type(exc).__name__}", logging.WARNING,
-                       f"padding-free: could not pack a forward of {type(model).__name__} ({type(exc).__name__}: {exc}); "
-                       "it ran padded. Please report this.")
+def _training_forward(model, call) -> bool:
+    """Training mode, or (in eval mode, gradients recorded) labels given; else says once why not packed."""
+    if model.training:
+        return True
+    if call.get("labels") is not None:
+        reporting.log_once(f"padding-free:{type(model).__name__}:eval-mode", reporting.info_level(),
+                           f"padding-free: {type(model).__name__} is in eval mode but records gradients and has labels "
+                           "(Lightning keeps each submodule's mode): its training forwards run packed")
+        return True
+    _skip(model, "eval-no-labels", "it is in eval mode and the forward has no labels (call .train() on it, or pass "
+                                   "labels, to have its training forwards packed)")
+    return False
 
 
 def _wants_dict(model, call) -> bool:
@@ -283,8 +276,8 @@ def _prepare(model, call: dict):
     if extra:
         _skip(model, "args:" + ",".join(extra), f"it cannot reproduce the argument(s) {', '.join(extra)}")
         return None
-    if call.get("past_key_values") is not None or call.get("cache_position") is not None:
-        _skip(model, "cache", "the call passes a cache (past_key_values or cache_position)")
+    if any(call.get(k) is not None for k in ("past_key_values", "cache", "cache_position")):
+        _skip(model, "cache", "the call passes a cache (past_key_values, cache or cache_position)")
         return None
     if call.get("use_cache"):
         _skip(model, "use_cache", "the call asks for use_cache=True")
@@ -375,8 +368,8 @@ def _pack(call: dict, info: dict, backend: str):
     steps = torch.arange(length, device=present.device)
     positions = (steps[None, :] - first[:, None]).flatten().index_select(0, flat_index)
     packed = {k: v for k, v in call.items() if k not in ("attention_mask", "input_ids", "inputs_embeds", "labels",
-                                                         "position_ids", "past_key_values", "cache_position", "logits_to_keep",
-                                                         "num_logits_to_keep")}
+                                                         "position_ids", "past_key_values", "cache", "cache_position",
+                                                         "logits_to_keep", "num_logits_to_keep")}
     packed.update(attention_mask=None, position_ids=positions[None, :], use_cache=False, return_dict=True)
     if call.get("input_ids") is not None:
         packed["input_ids"] = call["input_ids"].flatten().index_select(0, flat_index)[None, :]
@@ -398,7 +391,7 @@ def _pack(call: dict, info: dict, backend: str):
 @functools.lru_cache(maxsize=1)
 def _passes_varlen_kwargs() -> bool:
     """transformers >= 4.53 routes ``cu_seq_lens_*``/``max_length_*`` from the model call to the FA2 kernel."""
-    from .compat import parse_version
+    from ..compat import parse_version
     import transformers
 
     return parse_version(transformers.__version__)[:2] >= (4, 53)
@@ -434,3 +427,14 @@ def _unpack_output(output, layout: Layout, wants_dict: bool, drop_logits: bool =
     if getattr(output, "attentions", None) is not None:
         output["attentions"] = tuple(_scatter_attention(a, layout) for a in output.attentions)
     return output if wants_dict else output.to_tuple()
+
+
+def attach(model, load) -> dict:
+    """runtime/__init__.py's protocol: arms the loaded model when the switch is on."""
+    from .. import settings
+    from . import Effect
+
+    if not load.settings.padding_free:
+        return {}
+    status = arm(model, loss_only=load.settings.padding_free == settings.LOSS_ONLY)
+    return {None: Effect(note=status.describe(), fields={"padding_free": status.describe()})}

@@ -1,0 +1,62 @@
+"""What the plugin keeps about a loaded model: one attribute of plain data on the model itself.
+
+Why on the model, and why plain data: a copy of a model must behave like the model. ``copy.deepcopy``
+(TRL's reference model), ``pickle`` and ``torch.save`` copy a module's ``__dict__``, so the copy keeps its
+per-forward switch, its padding-free arming and its ``report()`` records. Only dicts, lists, strings,
+numbers and booleans are stored, so such a copy unpickles in a process without this package too; the
+attribute is invisible to ``state_dict()`` and ``save_pretrained``. Reading it costs one dict lookup, the
+only thing the per-forward wrappers do for models the plugin did not load.
+
+Also here: which config objects came out of a plugin load, so that a config handed on to the next load
+(``from_pretrained(p, config=model.config)``) is not mistaken for the caller's own choice of backend.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+ATTR = "_panovlm_flashpatch"
+
+
+def of(module) -> dict | None:
+    """The plugin's state of ``module`` (None for a module the plugin did not arm)."""
+    return getattr(module, "__dict__", {}).get(ATTR)
+
+
+def ensure(module) -> dict:
+    # Straight into __dict__: nn.Module.__setattr__ would do the same for a dict, only slower.
+    return module.__dict__.setdefault(ATTR, {})
+
+
+def forget(module) -> None:
+    module.__dict__.pop(ATTR, None)
+
+
+_lock = threading.Lock()
+# id(config) -> (weak reference to it, backends the plugin put there, the caller's request). Keyed by id:
+# transformers 5 configs are not hashable. Entries whose config is gone are dropped as new ones come.
+_from_plugin: dict[int, tuple] = {}
+
+
+def remember_config(config, requested, values) -> None:
+    """``config`` holds one of ``values``, backends the plugin put there; ``requested`` is what the caller asked."""
+    try:
+        ref = weakref.ref(config)
+    except TypeError:  # not weakly referenceable: the next load reads it as the caller's own choice
+        return
+    with _lock:
+        for key in [k for k, entry in _from_plugin.items() if entry[0]() is None]:
+            del _from_plugin[key]
+        _from_plugin[id(config)] = (ref, frozenset(values), requested)
+
+
+def caller_request(config):
+    """What the caller had asked for, when ``config`` carries the plugin's choice (else ``(False, None)``)."""
+    with _lock:
+        entry = _from_plugin.get(id(config))
+    if entry is None or entry[0]() is not config:
+        return False, None
+    if getattr(config, "__dict__", {}).get("_attn_implementation_internal") not in entry[1]:
+        return False, None  # changed since: then it is the choice of whoever changed it
+    return True, entry[2]
