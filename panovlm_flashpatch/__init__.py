@@ -42,10 +42,14 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
 
 
 def remove() -> bool:
-    """Undo :func:`apply`: every class attribute is the original object again, and the options are forgotten."""
+    """Undo :func:`apply`: every class attribute is the original object again, the options are forgotten, models
+    loaded so far run as plain transformers, and a pending automatic activation is cancelled (one that would
+    otherwise patch once transformers' modeling module is imported). True if something was removed or cancelled."""
+    from ._bootstrap import cancel
     from .patch import remove as _remove
 
-    return _remove()
+    cancelled = cancel()
+    return _remove() or cancelled
 
 
 def is_applied() -> bool:

@@ -6,8 +6,9 @@ so ``DISABLE_FLASH_ATTN`` works after the patch is in place. Per call: plan (pla
 fallback (load.py) -> observe what the model runs (observe.py) -> arm the runtime features
 (runtime/) -> records and log lines (record.py) -> compare across ranks (runtime/ranks.py).
 
-``remove()`` bumps a generation counter under the same lock that arming takes: a load that was in
-flight when ``remove()`` ran returns its model unarmed and leaves no class wrapped.
+``remove()`` starts a new epoch (state.py) under the same lock that arming takes: a load that was in
+flight when it ran returns its model unarmed and leaves no class wrapped, and models armed before it are
+inert from then on.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import logging
 import threading
 import time
 
-from . import _safety, record, runtime, settings, state
-from . import reporting
+from . import _safety, record, reporting, runtime, settings, state
 from .compat import transformers_facts
-from .load import caller_dtype, dtype_name, load_with_fallback
+from .load import load_with_fallback
 from .observe import observe
 from .plan import CannotPlan, Plan, checkpoint_of, plan_call
 from .runtime import ranks
@@ -36,7 +36,6 @@ class _PatchState:
         self.original = None  # PreTrainedModel.__dict__["from_pretrained"] before apply()
         self.installed = None  # the wrapt FunctionWrapper we put there
         self.active = True  # False once something wrapped on top of us and remove() could not unwind
-        self.generation = 0  # bumped by every remove(): loads that started before it arm nothing
 
 
 _State = _PatchState()
@@ -113,22 +112,19 @@ def _install() -> bool:
 
 def remove() -> bool:
     """Restores the original ``from_pretrained`` and every class attribute the runtime features wrapped,
-    forgets ``apply()``'s options, and cancels a pending automatic activation (one that would otherwise
-    patch once transformers' modeling module is imported). Returns True if something was removed or cancelled."""
+    forgets ``apply()``'s options, and makes every armed model inert. Returns True if something was removed.
+    (``panovlm_flashpatch.remove()`` also cancels a pending automatic activation.)"""
     import sys
 
-    from ._bootstrap import cancel
-
-    cancelled = cancel()
     settings.clear_overrides()
     if "transformers.modeling_utils" not in sys.modules:
-        return cancelled
+        return False
     with _State.lock:
-        _State.generation += 1
+        state.new_epoch()
         runtime.uninstall()
         ranks.uninstall()
         if _State.installed is None:
-            return cancelled
+            return False
         cls = _pretrained_model_class()
         if cls.__dict__.get("from_pretrained") is _State.installed:
             setattr(cls, "from_pretrained", _State.original)
@@ -171,7 +167,7 @@ def _wrapper(wrapped, instance, args, kwargs):
             "disabled", logging.INFO, "DISABLE_FLASH_ATTN is set: every load passes through untouched."
         )
         return wrapped(*args, **kwargs)
-    generation = _State.generation
+    epoch = state.EPOCH[0]
     cls = instance if isinstance(instance, type) else type(instance)
     facts = transformers_facts()
     started = time.perf_counter()
@@ -188,13 +184,13 @@ def _wrapper(wrapped, instance, args, kwargs):
         wrapped, args, kwargs, plan.decision, facts.dtype_kwarg, plan.caller_attn
     )
     try:
-        _publish(plan, decision, attempts, seconds, result, planning, current, generation)
+        _publish(plan, decision, attempts, seconds, result, planning, current, epoch)
     except Exception as exc:  # reporting must never cost the caller their model
         _safety.absorb("reporting a load", exc, "the model was returned without its report")
     return result
 
 
-def _publish(plan: Plan, decision, attempts, seconds, result, planning: float, current, generation: int) -> None:
+def _publish(plan: Plan, decision, attempts, seconds, result, planning: float, current, epoch: int) -> None:
     started = time.perf_counter()
     model = result[0] if isinstance(result, tuple) else result
     keys = tuple(c.component.key for c in decision.choices if c.component.key)
@@ -207,7 +203,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float, c
                         load_dtype=plan.request.load_dtype)
     with _State.lock:
         # remove() while this load was in flight: the model is returned as transformers made it.
-        effects = runtime.attach(model, load) if generation == _State.generation and _State.installed else {}
+        effects = runtime.attach(model, load) if epoch == state.EPOCH[0] and _State.installed else {}
     first = {c.component.key: c for c in plan.decision.choices}
     # Time spent in the plugin's own code for this load (not in transformers): planning + observing + arming.
     overhead_ms = round((planning + time.perf_counter() - started) * 1000, 3)
@@ -269,5 +265,3 @@ def _remember_configs(model, decision, keys) -> None:
             fallback = choice.fallback if isinstance(choice.fallback, str) else choice.component.default_backend
             state.remember_config(target, choice.requested, (choice.backend, fallback))
 
-
-__all__ = ["apply", "remove", "is_applied", "auto_apply", "caller_dtype", "dtype_name"]

@@ -102,7 +102,9 @@ def _flash_attn_status() -> tuple[str | None, str | None]:
     except BaseException as exc:  # undefined symbol, ABI mismatch, missing CUDA runtime, ...
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        from .reporting import sentence
+
+        first_line = sentence((str(exc).strip().splitlines() or [""])[0], 300)
         return version, f"flash-attn {version} is installed but its CUDA extension fails to import: {type(exc).__name__}: {first_line}"
     return version, None
 

@@ -18,15 +18,33 @@ import weakref
 
 ATTR = "_panovlm_flashpatch"
 
+# ``remove()`` starts a new epoch: state armed in an earlier one is inert from then on (the per-forward
+# wrappers pass such models through), and a load that was in flight when it ran arms nothing. One number,
+# so a copy made before ``remove()`` is inert too. A list, so that the per-forward path reads it without a
+# lock or a function call.
+EPOCH = [0]
+
 
 def of(module) -> dict | None:
     """The plugin's state of ``module`` (None for a module the plugin did not arm)."""
     return getattr(module, "__dict__", {}).get(ATTR)
 
 
-def ensure(module) -> dict:
-    # Straight into __dict__: nn.Module.__setattr__ would do the same for a dict, only slower.
-    return module.__dict__.setdefault(ATTR, {})
+def live(st) -> bool:
+    """State armed since the last ``remove()``."""
+    return bool(st) and st.get("epoch") == EPOCH[0]
+
+
+def ensure(module, epoch: int | None = None) -> dict:
+    """The state of ``module``, created (for ``epoch``, default: the current one) when missing."""
+    st = module.__dict__.get(ATTR)  # straight into __dict__: nn.Module.__setattr__ would do the same, only slower
+    if st is None or st.get("epoch") != (EPOCH[0] if epoch is None else epoch):
+        st = module.__dict__[ATTR] = {"epoch": EPOCH[0] if epoch is None else epoch}
+    return st
+
+
+def new_epoch() -> None:
+    EPOCH[0] += 1
 
 
 def forget(module) -> None:

@@ -149,22 +149,28 @@ class TinyRemoteModel({base}Model):
 def build_remote_code(path: str) -> str:
     """A checkpoint whose classes live in the checkpoint folder (``trust_remote_code=True``)."""
     base = "Qwen3" if has_qwen3() else "Qwen2"
+    return save_remote_code(path, _REMOTE_CODE.format(base=base), "modeling_tiny_remote", "TinyRemoteConfig",
+                            "TinyRemoteModel")
+
+
+def save_remote_code(path: str, source: str, module_name: str, config_name: str, model_name: str) -> str:
+    """Saves a checkpoint of the model class ``model_name`` defined in ``source`` (remote code), from the tiny LM config."""
     # The source is written elsewhere: save_pretrained copies it into the checkpoint folder.
     source_dir = tempfile.mkdtemp(prefix="tiny_remote_src_")
-    source = os.path.join(source_dir, "modeling_tiny_remote.py")
-    with open(source, "w") as f:
-        f.write(textwrap.dedent(_REMOTE_CODE.format(base=base)))
-    spec = importlib.util.spec_from_file_location("modeling_tiny_remote", source)
+    file = os.path.join(source_dir, f"{module_name}.py")
+    with open(file, "w") as f:
+        f.write(textwrap.dedent(source))
+    spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     # save_pretrained copies the defining module's file, which it finds through sys.modules.
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-        module.TinyRemoteConfig.register_for_auto_class()
-        module.TinyRemoteModel.register_for_auto_class("AutoModel")
+        config_class, model_class = getattr(module, config_name), getattr(module, model_name)
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModel")
         torch.manual_seed(0)
-        config = module.TinyRemoteConfig(**lm_config().to_dict())
-        return _save(module.TinyRemoteModel(config), path)
+        return _save(model_class(config_class(**lm_config().to_dict())), path)
     finally:
         sys.modules.pop(spec.name, None)
         shutil.rmtree(source_dir, ignore_errors=True)

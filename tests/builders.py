@@ -6,12 +6,7 @@ Each is built from a config with the installed transformers' own classes and sav
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-import sys
-import tempfile
-import textwrap
 
 import torch
 import transformers
@@ -112,23 +107,8 @@ class OwnAttentionModel(PreTrainedModel):
 def build_own_attention_remote_code(path: str) -> str:
     """A trust_remote_code model that declares FlashAttention-2 support but computes attention itself."""
     base = "Qwen3" if tiny.has_qwen3() else "Qwen2"
-    source_dir = tempfile.mkdtemp(prefix="own_attention_src_")
-    source = os.path.join(source_dir, "modeling_own_attention.py")
-    with open(source, "w") as f:
-        f.write(textwrap.dedent(_OWN_ATTENTION.format(base=base)))
-    spec = importlib.util.spec_from_file_location("modeling_own_attention", source)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        module.OwnAttentionConfig.register_for_auto_class()
-        module.OwnAttentionModel.register_for_auto_class("AutoModel")
-        torch.manual_seed(0)
-        config = module.OwnAttentionConfig(**tiny.lm_config().to_dict())
-        return _save(module.OwnAttentionModel(config), path)
-    finally:
-        sys.modules.pop(spec.name, None)
-        shutil.rmtree(source_dir, ignore_errors=True)
+    return tiny.save_remote_code(path, _OWN_ATTENTION.format(base=base), "modeling_own_attention", "OwnAttentionConfig",
+                                 "OwnAttentionModel")
 
 
 def build_phi3_classifier(path: str) -> str:

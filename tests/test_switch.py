@@ -298,3 +298,12 @@ def test_a_float32_model_compiled_outside_autocast_traces_its_fallback(emulated,
         expected = plain(ckpts["lm"])(input_ids=ids).logits
     assert emulated.CALLS == {} and torch.allclose(got, expected, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_generate_with_a_static_cache_runs_on_sdpa_with_the_same_tokens(emulated, ckpts):
+    # A static cache makes transformers build the masks outside the forwards: the switch happens at generate() entry.
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    reference = plain(ckpts["lm"], **{DTYPE_KW: torch.bfloat16})
+    got = generate(model, cache_implementation="static")
+    assert emulated.CALLS == {}
+    assert torch.equal(got, generate(reference, cache_implementation="static"))

@@ -1,10 +1,11 @@
 """What the plugin does to a model after its load: one module per feature, behind one small protocol.
 
 A feature module exposes ``attach(model, load) -> {component key or None: Effect}`` (None: every
-component of the load) and ``uninstall()``. ``attach`` arms the loaded model (plain data on the model,
-state.py, and a class-level wrapper installed once); the Effects say what the load's records and log
-lines gain. patch.py calls :func:`attach` after every load and :func:`uninstall` from ``remove()``;
-adding a feature is one new module and one line in ``FEATURES``.
+component of the load). ``attach`` arms the loaded model with plain data on it (state.py); the Effects say
+what the load's records and log lines gain. Here, after the features: the class-level wrappers that act
+on armed models are installed once (forward.py for every armed module's class, generate.py when a
+component switches per forward; save.py installs its own). patch.py calls :func:`attach` after every load
+and :func:`uninstall` from ``remove()``; adding a feature is one new module and one line in ``_features``.
 
 * switch   - dispatch.py + generate.py + forward.py: per forward, FlashAttention-2 or the fallback backend;
 * padding-free - padding_free.py: padded training forwards of causal LMs run packed (opt-in);
@@ -49,6 +50,9 @@ def _features():
 
 def attach(model, load: Load) -> dict[str | None, list[Effect]]:
     """Arms ``model`` with every feature that applies; a feature that fails is skipped, the load is kept."""
+    from .. import state
+    from . import forward, generate
+
     effects: dict[str | None, list[Effect]] = {}
     for name, feature in _features():
         try:
@@ -58,6 +62,12 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
             continue
         for key, effect in found.items():
             effects.setdefault(key, []).append(effect)
+    for module in model.modules():
+        st = state.of(module)
+        if state.live(st) and ("dispatch" in st or "padding_free" in st):
+            forward.ensure(type(module))
+    if state.live(state.of(model)) and state.of(model).get("switches"):
+        generate.install()
     return effects
 
 

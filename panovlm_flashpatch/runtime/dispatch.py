@@ -85,13 +85,34 @@ def before_trace(module, armed: dict) -> None:
     effect Dynamo replays; generate() and per-call arguments are not looked at here.
     """
     shared = armed["spec"]
+    if shared["kind"] != "config":
+        return  # swapping layer classes inside a trace is not something to ask of Dynamo
     config = module.config
-    if config._attn_implementation != shared["loaded"]:
-        return
+    now = config._attn_implementation
+    if now != shared["loaded"] and now != shared["current"]:
+        return  # someone else chose a backend: theirs
     weight = next(module.parameters())
-    if weight.dtype not in HALF and not _autocast_half(weight.device.type):
-        config._attn_implementation_internal = shared["fallback"]
-        shared["current"] = shared["fallback"]
+    fp32 = weight.dtype not in HALF and not _autocast_half(weight.device.type)
+    target = shared["fallback"] if fp32 else shared["loaded"]
+    if target != now:
+        config._attn_implementation_internal = target
+        shared["current"] = target
+
+
+def enter_generate(model) -> None:
+    """At ``generate()`` entry: every armed component of ``model`` onto its fallback, before transformers prepares
+    anything outside the forwards (with a static cache it builds the masks there, for the backend in place)."""
+    from .. import state
+
+    for module in model.modules():
+        st = state.of(module)
+        armed = st.get("dispatch") if state.live(st) else None
+        if armed is None:
+            continue
+        shared = armed["spec"]
+        now = module.config.__dict__.get("_attn_implementation_internal")
+        if now in (shared["loaded"], shared["current"]) and now != shared["fallback"]:
+            _switch(module, armed, shared, shared["fallback"])
 
 
 def situation(module, armed: dict, kwargs) -> str | None:
@@ -198,7 +219,7 @@ def attach(model, load) -> dict:
 
     from .. import state
     from ..observe import class_backend, is_attention_module, modules_by_component
-    from . import Effect, forward
+    from . import Effect
 
     upgraded = {c.component.key: c for c in load.decision.choices
                 if c.upgraded and getattr(load.observed.get(c.component.key), "backend", None) == FA2}
@@ -227,9 +248,7 @@ def attach(model, load) -> dict:
             probe = next((f"{mine[0]}.{n}" for n, m in first.named_modules() if n and isinstance(m, torch.nn.Linear)), None)
             # One shared spec per component: every owner (Qwen3ForCausalLM and its Qwen3Model) sees one "current".
             state.ensure(owner)["dispatch"] = {"spec": shared, "attention": mine if legacy else [], "probe": probe}
-            forward.ensure(type(owner))
         effects[key] = Effect(note=note(shared, load.settings.generate_fa2),
                               fields={"phases": describe(shared, load.settings.generate_fa2)})
     state.ensure(model)["switches"] = True
-    generate.install()
     return effects

@@ -39,13 +39,12 @@ except AttributeError:  # torch < 2.3
 def _wrapper_for(original):
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if _compiling():
-            st = self.__dict__.get(state.ATTR)
-            if st and "dispatch" in st:
-                dispatch.before_trace(self, st["dispatch"])
-            return original(self, *args, **kwargs)
         st = self.__dict__.get(state.ATTR)
-        if not st:
+        if not st or st.get("epoch") != state.EPOCH[0]:  # not armed, or armed before the last remove()
+            return original(self, *args, **kwargs)
+        if _compiling():
+            if "dispatch" in st:
+                dispatch.before_trace(self, st["dispatch"])
             return original(self, *args, **kwargs)
         armed = st.get("dispatch")
         if armed is not None:
@@ -78,10 +77,6 @@ def ensure(cls) -> None:
     wrapper = _wrapper_for(entry)
     setattr(owner, "forward", wrapper)
     _installed[owner] = (entry, wrapper)
-
-
-def is_wrapped(cls) -> bool:
-    return defining_class(cls) in _installed
 
 
 def uninstall() -> None:

@@ -3,8 +3,10 @@
 ``GenerationMixin.generate`` is wrapped once. For a model whose state says a component of it switches per
 forward, the wrapper reads ``PANOVLM_FLASHPATCH_GENERATE_FA2`` / ``apply(generate_fa2=...)`` once per call
 and, unless it keeps FlashAttention-2, counts the call in a thread-local depth for its duration (nested
-calls, such as an assistant model's generate, count too). Nothing is switched here and nothing needs
-restoring: each forward inside picks its own backend, and whatever a user set themselves is left alone.
+calls, such as an assistant model's generate, count too). At entry the armed components are put on their
+fallback at once (dispatch.enter_generate), because with a static cache transformers builds the masks outside
+the forwards, for the backend in place. Nothing needs restoring: each later forward picks its own backend, and
+whatever a user set themselves is left alone.
 """
 
 from __future__ import annotations
@@ -26,12 +28,20 @@ def active() -> bool:
 
 def _generate(wrapped, instance, args, kwargs):
     st = state.of(instance) if instance is not None else None
-    if not st or not st.get("switches"):
+    if not state.live(st) or not st.get("switches"):
         return wrapped(*args, **kwargs)
     from ..settings import current
 
     if current().generate_fa2:
         return wrapped(*args, **kwargs)
+    try:
+        from . import dispatch
+
+        dispatch.enter_generate(instance)
+    except Exception as exc:  # each forward still picks its backend
+        from .. import _safety
+
+        _safety.absorb("generate() switch", exc, "its forwards picked their backend one by one")
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
         return wrapped(*args, **kwargs)

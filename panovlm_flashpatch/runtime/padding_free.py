@@ -150,22 +150,17 @@ def _is_causal_lm(cls) -> bool:
 
 
 def arm(model, loss_only: bool = False) -> Status:
-    """Arms ``model`` for packing: its state says so, and its class's forward is wrapped (runtime/forward.py)."""
-    from . import forward
-
+    """Arms ``model`` for packing: its state says so (runtime/__init__.py then wraps its class's forward)."""
     status = dataclasses.replace(status_for(model), loss_only=loss_only)
     if status.armed:
-        forward.ensure(type(model))
         state.ensure(model)["padding_free"] = status.to_state()
     return status
 
 
 def is_armed(model) -> bool:
-    """Armed, and its class's forward still wrapped (``remove()`` unwraps every class)."""
-    from . import forward
-
+    """Armed since the last ``remove()``."""
     st = state.of(model)
-    return bool(st and st.get("padding_free", {}).get("armed")) and forward.is_wrapped(type(model))
+    return state.live(st) and bool(st.get("padding_free", {}).get("armed"))
 
 
 def _defining_forward(cls) -> tuple[type, object]:

@@ -53,7 +53,7 @@ def attach(model, load) -> dict:
 
 def _save(wrapped, instance, args, kwargs):
     st = state.of(instance) if instance is not None else None
-    info = st.get("save") if st else None
+    info = st.get("save") if state.live(st) else None
     if not info:
         return wrapped(*args, **kwargs)
     try:
