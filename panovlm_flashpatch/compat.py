@@ -6,6 +6,7 @@ holds the runs that measured them. Nothing here imports transformers at module i
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import inspect
@@ -126,6 +127,26 @@ def _module_source(name: str) -> str | None:
         return None
 
 
+_DISPATCHES = re.compile(r"ALL_ATTENTION_FUNCTIONS|attention_interface|super\(\)\.forward|flash_attn_(?:varlen_)?func|"
+                         r"flash_attention_forward\(")
+
+
+def _own_attention_forward(code: str) -> bool:
+    """The module defines an attention class (any base) whose own ``forward`` computes attention itself:
+    it neither dispatches through transformers' attention functions nor calls flash-attn or its parent's forward."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and "Attention" in node.name:
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == "forward":
+                    if not _DISPATCHES.search(ast.get_source_segment(code, item) or ""):
+                        return True
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def attention_code(model_class) -> AttentionCode:
     """Reads the first module along ``model_class``'s MRO that defines attention layers (see AttentionCode).
@@ -141,6 +162,9 @@ def attention_code(model_class) -> AttentionCode:
         if code is None:
             unreadable = unreadable or name
             continue
+        if not name.startswith("transformers.") and _own_attention_forward(code):
+            # Remote code whose attention layer (a subclass of a transformers one, say) runs its own forward.
+            return AttentionCode("own", name)
         if not _ATTENTION_CLASS.search(code):
             continue
         if "ALL_ATTENTION_FUNCTIONS" in code:

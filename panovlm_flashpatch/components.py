@@ -15,6 +15,19 @@ from .compat import AttentionCode, TransformersFacts, attention_code, config_bas
 
 #: FlashAttention-2 kernels take head dimensions up to 256.
 MAX_FA2_HEAD_DIM = 256
+#: Composite models whose masks are not causal-only: FlashAttention-2 would drop them (and transformers'
+#: per-sub-config check would not stop it). transformers 5.x marks these classes ``_supports_flash_attn = False``
+#: itself ("Flash Attention drops the bidirectional mask over image tokens"; mllama: "Constructs 4D masks");
+#: 4.x does not, so the plugin keeps its own list, for every version.
+NON_CAUSAL_PREFIX_TYPES = {
+    "paligemma": "keeps a bidirectional mask over its image and prompt prefix",
+    "gemma3": "keeps a bidirectional mask over its image tokens",
+    "gemma4": "keeps a bidirectional mask over its image tokens",
+    "gemma4_unified": "keeps a bidirectional mask over its image tokens",
+    "diffusion_gemma": "keeps a bidirectional mask over its image tokens",
+    "molmo2": "keeps a bidirectional mask over its image tokens",
+    "mllama": "builds 4D cross-attention masks",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +44,8 @@ class Component:
         attention: how that class computes attention (can its backend switch per forward?).
         default_backend: what transformers gives it when no backend is asked for (SDPA where the class
             has it, else eager).
+        refusal: why the load as a whole must not run FlashAttention-2 (a composite whose own class refuses it,
+            or whose masks are not causal-only), else None.
     """
 
     key: str
@@ -41,6 +56,7 @@ class Component:
     output_attentions: bool
     attention: AttentionCode = AttentionCode("unknown")
     default_backend: str = "sdpa"
+    refusal: str | None = None
 
 
 def sub_config_keys(config) -> tuple[str, ...]:
@@ -163,6 +179,20 @@ def _class_for_sub_config(sub_config, root_class):
     return root_class
 
 
+def composite_refusal(model_class, config, facts: TransformersFacts) -> str | None:
+    """Why a composite load must not run FlashAttention-2 in any of its parts, or None.
+
+    transformers checks the loaded class's own flag for a string request; for the per-sub-config dict the
+    plugin passes, it checks only each part's class, so the plugin checks the whole here.
+    """
+    why = NON_CAUSAL_PREFIX_TYPES.get(str(getattr(config, "model_type", "")))
+    if why:
+        return f"{model_class.__name__} {why}, which FlashAttention-2 would drop"
+    if not supports_fa2(model_class, facts):
+        return f"{model_class.__name__} does not support FlashAttention-2 (the composite's own class)"
+    return None
+
+
 def _default_backend(model_class) -> str:
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
@@ -194,6 +224,7 @@ def components_of(model_class, config, facts: TransformersFacts, output_attentio
                 default_backend=_default_backend(model_class),
             ),
         )
+    refusal = composite_refusal(model_class, config, facts)
     parts = []
     for key in keys:
         sub = getattr(config, key)
@@ -208,6 +239,7 @@ def components_of(model_class, config, facts: TransformersFacts, output_attentio
                 output_attentions=output_attentions_kwarg or _output_attentions(sub) or _output_attentions(config),
                 attention=attention_code(cls),
                 default_backend=_default_backend(cls),
+                refusal=refusal,
             )
         )
     # The language model first: it is what most people look for in the log.

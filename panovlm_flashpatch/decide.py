@@ -197,7 +197,9 @@ def decide(
         blockers = list(env_blockers)
         if placement.offload:
             blockers.append(placement.offload)
-        if not comp.supports_fa2:
+        if comp.refusal:
+            blockers.append(comp.refusal)
+        elif not comp.supports_fa2:
             blockers.append(f"{comp.model_class} does not support FlashAttention-2")
         else:
             attention = _attention_blocker(comp)

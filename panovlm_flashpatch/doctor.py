@@ -95,6 +95,28 @@ class NotACheckpoint(Exception):
     pass
 
 
+class BadArgument(NotACheckpoint):
+    pass
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                  "fp64": "float64", "double": "float64"}
+
+
+def dtype_argument(text: str):
+    """``--dtype`` as from_pretrained takes it: "auto", or a floating-point torch dtype ("bf16", "torch.bfloat16" too)."""
+    import torch
+
+    name = _DTYPE_ALIASES.get(text.strip().lower(), text.strip().lower().removeprefix("torch."))
+    if name == "auto":
+        return "auto"
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise BadArgument(f"--dtype {text!r} is not a floating-point dtype: use auto, bfloat16 (bf16), float16 (fp16) "
+                          "or float32 (fp32)")
+    return value
+
+
 def dry_run(path, attn_implementation, dtype, trust_remote_code, caps, current, facts) -> dict:
     """Which backend and dtype each component of ``path`` would get, from its config alone.
 
@@ -132,7 +154,7 @@ def dry_run(path, attn_implementation, dtype, trust_remote_code, caps, current, 
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if dtype is not None:
-        kwargs[facts.dtype_kwarg] = dtype if dtype == "auto" else getattr(__import__("torch"), dtype, dtype)
+        kwargs[facts.dtype_kwarg] = dtype_argument(dtype)
     try:
         plan = plan_call(model_class, (path,), kwargs, current, facts)
     except CannotPlan as exc:

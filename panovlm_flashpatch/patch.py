@@ -263,5 +263,8 @@ def _remember_configs(model, decision, keys) -> None:
         target = config if not choice.component.key else getattr(config, choice.component.key, None)
         if target is not None:
             fallback = choice.fallback if isinstance(choice.fallback, str) else choice.component.default_backend
-            state.remember_config(target, choice.requested, (choice.backend, fallback))
+            # A copy carries the caller's backend where the switch can bring FlashAttention-2 back (attention
+            # interface); with one class per backend (4.46-4.47) the layers' classes travel as they are.
+            portable = fallback if choice.component.attention.kind == "interface" else None
+            state.remember_config(target, choice.requested, (choice.backend, fallback), portable)
 

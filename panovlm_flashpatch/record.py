@@ -135,7 +135,7 @@ def _read_again(model, records: list[dict]) -> None:
             continue
         backend = now.backend
         shared = switched.get(rec["component"])
-        if shared is not None and backend in (shared["loaded"], shared["current"]):
+        if shared is not None and not shared.get("user") and backend in (shared["loaded"], shared["fallback"]):
             backend = shared["loaded"]  # the per-forward switch is in charge: the last forward's pick is not news
         rec["backend"], rec["dtype"] = backend, now.dtype
 

@@ -52,13 +52,15 @@ def forget(module) -> None:
 
 
 _lock = threading.Lock()
-# id(config) -> (weak reference to it, backends the plugin put there, the caller's request). Keyed by id:
-# transformers 5 configs are not hashable. Entries whose config is gone are dropped as new ones come.
+# id(config) -> (weak reference to it, backends the plugin put there, the caller's request, the backend a copy
+# should carry). Keyed by id: transformers 5 configs are not hashable. Entries whose config is gone are dropped
+# as new ones come.
 _from_plugin: dict[int, tuple] = {}
 
 
-def remember_config(config, requested, values) -> None:
-    """``config`` holds one of ``values``, backends the plugin put there; ``requested`` is what the caller asked."""
+def remember_config(config, requested, values, portable=None) -> None:
+    """``config`` holds one of ``values``, backends the plugin put there; ``requested`` is what the caller asked;
+    ``portable``: the backend a pickled or copied config carries instead (runtime/portable.py), or None."""
     try:
         ref = weakref.ref(config)
     except TypeError:  # not weakly referenceable: the next load reads it as the caller's own choice
@@ -66,7 +68,17 @@ def remember_config(config, requested, values) -> None:
     with _lock:
         for key in [k for k, entry in _from_plugin.items() if entry[0]() is None]:
             del _from_plugin[key]
-        _from_plugin[id(config)] = (ref, frozenset(values), requested)
+        _from_plugin[id(config)] = (ref, frozenset(values), requested, portable)
+
+
+def portable_backend(config):
+    """The backend a copy of ``config`` should carry, when it holds the plugin's choice (else None)."""
+    with _lock:
+        entry = _from_plugin.get(id(config))
+    if entry is None or entry[0]() is not config or entry[3] is None:
+        return None
+    now = getattr(config, "__dict__", {}).get("_attn_implementation_internal")
+    return entry[3] if now in entry[1] and now != entry[3] else None
 
 
 def caller_request(config):

@@ -126,3 +126,44 @@ def build_phi3_classifier(path: str) -> str:
     _save(transformers.Phi3ForSequenceClassification(config), path)
     tokenizer.save_pretrained(path)
     return path
+
+
+_SUBCLASSED_ATTENTION = '''
+import torch
+from transformers import {base}Config, {base}Model
+from transformers.models.{lower}.modeling_{lower} import {base}Attention
+
+
+class SubAttnConfig({base}Config):
+    model_type = "sub-attention"
+
+
+class MyAttention({base}Attention):
+    """A transformers attention layer whose forward remote code rewrote to compute attention itself."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+
+
+class SubAttnModel({base}Model):
+    config_class = SubAttnConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn = MyAttention(config, i)
+'''
+
+
+def build_subclassed_attention_remote_code(path: str) -> str:
+    """Remote code subclassing a transformers model and its attention layer, with its own attention forward."""
+    base = "Qwen3" if tiny.has_qwen3() else "Qwen2"
+    source = _SUBCLASSED_ATTENTION.format(base=base, lower=base.lower())
+    return tiny.save_remote_code(path, source, "modeling_sub_attention", "SubAttnConfig", "SubAttnModel")

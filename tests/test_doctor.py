@@ -96,3 +96,12 @@ def test_an_unreadable_config_is_exit_2(capsys, tmp_path):
     (tmp_path / "config.json").write_text("{ not json")
     code, out, err = run(capsys, "--model", str(tmp_path))
     assert code == 2 and "cannot be read" in err
+
+
+def test_dtype_names_are_read_as_from_pretrained_takes_them(capsys, ckpts):
+    # Fault: --dtype torch.bfloat16 / bf16 / int8 were all accepted and gave a contradictory reason.
+    for given in ("bf16", "torch.bfloat16", "bfloat16"):
+        code, out, _ = run(capsys, "--model", ckpts["lm"], "--dtype", given, "--json")
+        assert code == 0 and "found dtype" not in json.loads(out)["model.model.reason"], given
+    code, out, err = run(capsys, "--model", ckpts["lm"], "--dtype", "int8")
+    assert code == 2 and "not a floating-point dtype" in err

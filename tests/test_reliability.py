@@ -246,3 +246,57 @@ def test_remote_code_with_its_own_attention_is_not_reported_as_flashattention2(c
     rec = only(panovlm_flashpatch.report(model))
     assert rec["backend"] == OWN_CODE and rec["dtype"] == "float32"  # before: flash_attention_2, bfloat16
     assert len(rec["attempts"]) == 1 and "computes attention in its own code" in rec["reason"]
+
+
+@pytest.mark.skipif(not hasattr(transformers, "PaliGemmaForConditionalGeneration"), reason="needs PaliGemma")
+def test_a_vlm_with_a_bidirectional_prefix_mask_keeps_it(emulated, tmp_path):
+    # Fault: PaliGemma's text tower was put on FlashAttention-2 through the per-sub-config dict, which drops the
+    # bidirectional mask over its image and prompt prefix (transformers 5 refuses FA2 for the class itself).
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, projection_dim=64)
+    config = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=299,
+                                          projection_dim=64, hidden_size=64)
+    torch.manual_seed(0)
+    transformers.PaliGemmaForConditionalGeneration(config).save_pretrained(tmp_path / "pg")
+    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "pg")
+    records = panovlm_flashpatch.report(model)
+    assert all(r["backend"] != FA2 for r in records), [(r["component"], r["backend"]) for r in records]
+    text_record = only(records, "text_config")
+    assert "PaliGemmaForConditionalGeneration" in text_record["reason"] and len(text_record["attempts"]) == 1
+
+
+def test_training_on_injected_bf16_weights_says_so_once(emulated, ckpts, caplog):
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"]).train()
+    caplog.set_level(logging.WARNING, logger="panovlm_flashpatch")
+    batch = tiny.lm_inputs()
+    for _ in range(2):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    said = [r.getMessage() for r in caplog.records if "optimizer updates smaller than" in r.getMessage()]
+    assert len(said) == 1 and "dtype=torch.float32" in said[0]
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # inference on bf16 weights: nothing to say
+    assert len([r for r in caplog.records if "optimizer updates" in r.getMessage()]) == 1
+
+
+def test_remote_code_whose_attention_subclass_runs_its_own_forward_is_left_alone(capable, tmp_path):
+    # Fault: the check read only "class ...Attention(nn.Module)"; a subclass of Qwen3Attention with its own forward
+    # was put on FlashAttention-2 (no kernel call) and a padded batch raised a shape error.
+    path = builders.build_subclassed_attention_remote_code(str(tmp_path / "sub"))
+    model = AutoModel.from_pretrained(path, trust_remote_code=True)
+    rec = only(panovlm_flashpatch.report(model))
+    assert rec["backend"] == OWN_CODE and len(rec["attempts"]) == 1 and rec["dtype"] == "float32"
+    assert "computes attention in its own code" in rec["reason"]
+
+
+def test_a_loss_counting_padding_positions_is_named_once(emulated, ckpts, caplog):
+    # FlashAttention-2 computes nothing at padding positions, SDPA does: such a loss differs between them.
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"]).train()
+    caplog.set_level(logging.WARNING, logger="panovlm_flashpatch")
+    batch = _padded(labels=False)
+    for _ in range(2):
+        model(**batch, labels=batch["input_ids"])  # labels=input_ids: pads counted
+    said = [r.getMessage() for r in caplog.records if "counts predictions at padding positions" in r.getMessage()]
+    assert len(said) == 1 and "-100" in said[0]

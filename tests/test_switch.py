@@ -226,9 +226,10 @@ def test_copies_keep_the_switch_padding_free_and_the_records(emulated, ckpts):
         assert emulated.CALLS == {}, how
 
 
-def test_a_pickled_model_loads_where_the_plugin_is_not_installed(patched, ckpts, tmp_path):
+def test_a_pickled_model_loads_where_the_plugin_is_not_installed(emulated, ckpts, tmp_path):
+    # Also the fault: the pickle carried the plugin's flash_attention_2 into a process without flash-attn.
     model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
-    assert state.of(model)["records"]
+    assert state.of(model)["records"] and model.config._attn_implementation == FA2
     path = tmp_path / "model.pt"
     torch.save(model, path)
     code = ("import sys, torch; sys.modules['panovlm_flashpatch'] = None\n"  # any import of ours would fail
@@ -255,11 +256,7 @@ def test_torch_compile_fullgraph_passes_through(request, ckpts, armed):
         model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
         assert state.of(model.base_model)["dispatch"]
     model.train()
-    batch = tiny.lm_inputs()
-    if armed != "padding-free":
-        # transformers' FA2 mask helper branches on the mask's values, which fullgraph refuses with or without
-        # the plugin: that is transformers' limit, not ours. Without a mask its FA2 path compiles.
-        batch.pop("attention_mask")
+    batch = tiny.lm_inputs()  # with its attention mask: transformers' FA2 mask helper alone refuses fullgraph
     eager_loss = model(**batch, labels=batch["input_ids"]).loss
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     loss = compiled(**batch, labels=batch["input_ids"]).loss  # failed on padding-free's RLock before
@@ -307,3 +304,40 @@ def test_generate_with_a_static_cache_runs_on_sdpa_with_the_same_tokens(emulated
     got = generate(model, cache_implementation="static")
     assert emulated.CALLS == {}
     assert torch.equal(got, generate(reference, cache_implementation="static"))
+
+
+def test_the_users_sdpa_after_generate_stays_sdpa(emulated, ckpts):
+    # Fault: after generate() the switch held "sdpa"; the user's set_attn_implementation("sdpa") looked like the
+    # switch's own, and the next forward went back to FlashAttention-2.
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    generate(model)
+    assert model.config._attn_implementation == FA2  # generate() returned: back on what the plugin loaded
+    model.set_attn_implementation("sdpa")
+    logits(model)
+    assert emulated.CALLS == {} and model.config._attn_implementation == "sdpa"
+    assert panovlm_flashpatch.report(model)[0]["backend"] == "sdpa"
+
+
+def test_a_copy_carries_the_callers_backend_and_switches_back_in_process(emulated, ckpts):
+    # Fault: a pickled model carried the plugin's flash_attention_2 in its config into processes without flash-attn.
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    twin = pickle.loads(pickle.dumps(model))
+    assert twin.config._attn_implementation == "sdpa"  # what plain transformers' pickle would carry
+    assert model.config._attn_implementation == FA2  # the original is untouched
+    logits(twin)
+    assert emulated.CALLS["flash_attn_func"] == 2  # here, the switch brings FlashAttention-2 back
+
+
+@pytest.mark.parametrize("how", ["from_config", "deepcopy"])
+def test_a_config_copied_from_a_plugin_model_carries_the_callers_backend(emulated, ckpts, how):
+    # Fault: from_config(model.config) built an unmanaged flash_attention_2 model (float32 forwards then failed), and
+    # from_pretrained(config=copy.deepcopy(model.config)) logged "caller chose 'flash_attention_2'".
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    if how == "from_config":
+        other = AutoModelForCausalLM.from_config(model.config)
+        assert other.config._attn_implementation == "sdpa"
+    else:
+        other = AutoModelForCausalLM.from_pretrained(ckpts["lm"], config=copy.deepcopy(model.config),
+                                                     **{DTYPE_KW: torch.float32})
+        assert "caller chose" not in panovlm_flashpatch.report(other)[0]["reason"]
+    logits(other.float())

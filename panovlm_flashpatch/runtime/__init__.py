@@ -51,7 +51,7 @@ def _features():
 def attach(model, load: Load) -> dict[str | None, list[Effect]]:
     """Arms ``model`` with every feature that applies; a feature that fails is skipped, the load is kept."""
     from .. import state
-    from . import forward, generate
+    from . import dispatch, forward, generate, portable
 
     effects: dict[str | None, list[Effect]] = {}
     for name, feature in _features():
@@ -68,13 +68,17 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
             forward.ensure(type(module))
     if state.live(state.of(model)) and state.of(model).get("switches"):
         generate.install()
+        dispatch.install()
+        portable.install()
     return effects
 
 
 def uninstall() -> None:
     """Puts back every class attribute the features wrapped; armed models then run as plain transformers."""
-    from . import forward, generate, save
+    from . import dispatch, forward, generate, portable, save
 
     forward.uninstall()
     generate.uninstall()
+    dispatch.uninstall()
+    portable.uninstall()
     save.uninstall()

@@ -21,8 +21,9 @@ sibling class. The switch is sticky: it stays until a forward needs the other ba
 checkpointing, which re-runs layers during backward, re-runs them on the backend of their forward; and
 ``generate()``'s own mask preparation, which runs outside the forward, always sees the backend of the
 previous forward. A mask that is already built (a dict, or a 4D tensor: generate's static cache, a custom
-mask) keeps the backend it was built for. A backend set by someone else (``set_attn_implementation``) is
-theirs: the switch stands aside until the component is back on what the plugin loaded.
+mask) keeps the backend it was built for. A backend someone chose (``set_attn_implementation``, by the user or
+by transformers' continuous batching) is theirs: the switch stands aside for that model from then on.
+When ``generate()`` returns, its components go back to what the plugin loaded.
 
 Under ``torch.compile`` nothing switches (runtime/forward.py passes every call through).
 """
@@ -31,11 +32,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
 
 import torch
 
-from . import generate
+import threading
+
+from .. import _safety, reporting, state
+from .._wrapping import unwrap, wrap_once
 
 FA2 = "flash_attention_2"
 HALF = (torch.float16, torch.bfloat16)
@@ -56,9 +61,18 @@ WHY = {
 }
 
 
-def spec(key: str, fallback: str, kind: str) -> dict:
-    """The switch of one component, shared by every module that owns its config (plain data, see state.py)."""
-    return {"key": key, "loaded": FA2, "fallback": fallback, "current": FA2, "kind": kind}
+def spec(key: str, fallback: str, kind: str, injected: str | None = None) -> dict:
+    """The switch of one component, shared by every module that owns its config (plain data, see state.py).
+
+    ``user``: someone chose a backend for it since (the switch stands aside); ``injected``: the dtype the plugin
+    injected at load, if any (training on it gets one warning)."""
+    return {"key": key, "loaded": FA2, "fallback": fallback, "current": FA2, "kind": kind, "user": False,
+            "injected": injected}
+
+
+def _ours(shared: dict, now) -> bool:
+    """The component is on a backend the switch put there (a copy's config may carry the fallback, see state.py)."""
+    return not shared.get("user") and now in (shared["loaded"], shared["fallback"])
 
 
 def before(module, armed: dict, args, kwargs) -> None:
@@ -66,58 +80,140 @@ def before(module, armed: dict, args, kwargs) -> None:
     shared = armed["spec"]
     config = module.config
     now = config.__dict__.get("_attn_implementation_internal")
-    if now != shared["loaded"] and now != shared["current"]:
+    if not _ours(shared, now):
         return  # someone else chose a backend: theirs
+    if shared.get("injected") and module.training and torch.is_grad_enabled() and not shared.get("warned"):
+        shared["warned"] = True  # once per component of a model (its owners share the spec)
+        _warn_training(module, shared["injected"])
     mask = _argument(module, "attention_mask", args, kwargs)
     if isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() > 2):
         return  # built for the backend in place
     target = shared["fallback"] if situation(module, armed, kwargs) else shared["loaded"]
     if target != now:
         _switch(module, armed, shared, target)
+    if target == FA2 and not shared.get("pad_labels_checked") and torch.is_grad_enabled():
+        _check_pad_labels(module, shared, mask, _argument(module, "labels", args, kwargs))
 
 
 def before_trace(module, armed: dict) -> None:
-    """The part of :func:`before` that TorchDynamo can trace (``torch.compile``, fullgraph too).
+    """While TorchDynamo traces (``torch.compile``): the component traces its fallback, what plain transformers
+    would have compiled.
 
-    A graph compiled on FlashAttention-2 keeps it, so a float32 model the plugin put on FlashAttention-2,
-    compiled outside autocast, must trace its fallback: plain transformers would have compiled SDPA. Only
-    what the trace fixes for good is read (the weights' dtype, autocast); the config write is a side
-    effect Dynamo replays; generate() and per-call arguments are not looked at here.
+    A compiled graph keeps the backend it was traced with, and transformers' FlashAttention-2 path does not
+    trace as plain transformers' SDPA does: its mask helper branches on the mask's values
+    (``attention_mask.all()``), which ``fullgraph=True`` refuses, and its kernel refuses float32. The config
+    write is a side effect Dynamo replays; nothing else is read here.
     """
     shared = armed["spec"]
     if shared["kind"] != "config":
         return  # swapping layer classes inside a trace is not something to ask of Dynamo
     config = module.config
     now = config._attn_implementation
-    if now != shared["loaded"] and now != shared["current"]:
-        return  # someone else chose a backend: theirs
-    weight = next(module.parameters())
-    fp32 = weight.dtype not in HALF and not _autocast_half(weight.device.type)
-    target = shared["fallback"] if fp32 else shared["loaded"]
-    if target != now:
-        config._attn_implementation_internal = target
-        shared["current"] = target
+    if _ours(shared, now) and now != shared["fallback"]:
+        config._attn_implementation_internal = shared["fallback"]
+        shared["current"] = shared["fallback"]
+
+
+def _armed_modules(model):
+    for module in model.modules():
+        st = state.of(module)
+        armed = st.get("dispatch") if state.live(st) else None
+        if armed is not None:
+            yield module, armed
+
+
+# Inside generate() of an armed model, in this thread (nested calls, an assistant model's, count too).
+_local = threading.local()
+
+
+def generating() -> bool:
+    return getattr(_local, "depth", 0) > 0
 
 
 def enter_generate(model) -> None:
     """At ``generate()`` entry: every armed component of ``model`` onto its fallback, before transformers prepares
     anything outside the forwards (with a static cache it builds the masks there, for the backend in place)."""
-    from .. import state
-
-    for module in model.modules():
-        st = state.of(module)
-        armed = st.get("dispatch") if state.live(st) else None
-        if armed is None:
-            continue
+    _local.depth = getattr(_local, "depth", 0) + 1
+    for module, armed in _armed_modules(model):
         shared = armed["spec"]
         now = module.config.__dict__.get("_attn_implementation_internal")
-        if now in (shared["loaded"], shared["current"]) and now != shared["fallback"]:
+        if _ours(shared, now) and now != shared["fallback"]:
             _switch(module, armed, shared, shared["fallback"])
+
+
+def leave_generate(model) -> None:
+    """When ``generate()`` returns (or raises): back to what the plugin loaded (no backward re-runs these forwards)."""
+    _local.depth = max(getattr(_local, "depth", 0) - 1, 0)
+    for module, armed in _armed_modules(model):
+        shared = armed["spec"]
+        now = module.config.__dict__.get("_attn_implementation_internal")
+        if _ours(shared, now) and now != shared["loaded"]:
+            _switch(module, armed, shared, shared["loaded"])
+
+
+def _check_pad_labels(module, shared: dict, mask, labels) -> None:
+    """Once per component, on its first FlashAttention-2 forward with labels and a padding mask: does the loss count
+    padding positions? FA2 computes nothing there, SDPA does, so such a loss differs between them (one host sync)."""
+    if not (isinstance(mask, torch.Tensor) and isinstance(labels, torch.Tensor) and mask.dim() == 2
+            and labels.shape == mask.shape):
+        return
+    shared["pad_labels_checked"] = True
+    if bool(((mask == 0) & (labels != -100)).any()):
+        reporting.emit(logging.WARNING,
+                       f"{type(module).__name__}'s loss counts predictions at padding positions (labels there are not "
+                       "-100). FlashAttention-2 computes nothing at padding positions, SDPA does, so those terms, and "
+                       "the loss, differ from plain transformers'. Set the labels at padding to -100 (as "
+                       "DataCollatorForLanguageModeling does); to keep SDPA, pass attn_implementation=\"sdpa\" with "
+                       "PANOVLM_FLASHPATCH_KEEP_SDPA=1.")
+
+
+def _warn_training(module, injected: str) -> None:
+    reporting.emit(logging.WARNING,
+                       f"{type(module).__name__} trains on {injected} weights that panovlm_flashpatch injected (no dtype was "
+                       f"given): with no float32 master copy, optimizer updates smaller than {injected}'s precision are "
+                       "lost (AdamW at lr 2e-6 changed 3.9% of a test model's weights in 10 steps; float32: all). For "
+                       "training, load with dtype=torch.float32 and train under torch.autocast (FlashAttention-2 runs "
+                       "there), or pass dtype=torch.bfloat16 to make the choice yours.")
+
+
+# --- someone else chooses a backend -------------------------------------------------------------------------
+
+_MARKER = "_self_panovlm_flashpatch_user_backend"
+_installed: dict[str, object] = {}
+
+
+def _user_chooses(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    if instance is not None and not isinstance(instance, type):
+        try:
+            for _, armed in _armed_modules(instance):
+                armed["spec"]["user"] = True
+        except Exception as exc:
+            _safety.absorb("set_attn_implementation", exc, "the per-forward switch may override that choice")
+    return result
+
+
+def install() -> None:
+    """Wraps ``set_attn_implementation`` (transformers >= 4.54): a backend chosen through it is the caller's."""
+    from transformers import modeling_utils
+
+    done = wrap_once(modeling_utils.PreTrainedModel, "set_attn_implementation", _user_chooses, _MARKER)
+    if done is not None:
+        _installed["original"], _installed["wrapper"] = done
+
+
+def uninstall() -> None:
+    if "wrapper" not in _installed or "transformers.modeling_utils" not in sys.modules:
+        return
+    from transformers import modeling_utils
+
+    if unwrap(modeling_utils.PreTrainedModel, "set_attn_implementation", _installed["original"], _installed["wrapper"]):
+        _installed.clear()
 
 
 def situation(module, armed: dict, kwargs) -> str | None:
     """Why this forward cannot (or should not) run FlashAttention-2, or None when it runs it."""
-    if generate.active():
+    if generating():
         return GENERATE
     weight = _probe_weight(module, armed.get("probe"))
     if weight is not None:
@@ -217,7 +313,6 @@ def attach(model, load) -> dict:
     """Arms every component the plugin put on FlashAttention-2 (runtime/__init__.py's protocol)."""
     from transformers.modeling_utils import PreTrainedModel
 
-    from .. import state
     from ..observe import class_backend, is_attention_module, modules_by_component
     from . import Effect
 
@@ -238,7 +333,7 @@ def attach(model, load) -> dict:
         fallback = choice.requested if isinstance(choice.requested, str) else default_backend(type(owners[0][1]))
         if legacy:
             sibling(type(layers[0][1]), fallback)  # LookupError when the family has no such class
-        shared = spec(key, fallback, "classes" if legacy else "config")
+        shared = spec(key, fallback, "classes" if legacy else "config", load.decision.inject_dtype)
         for owner_path, owner in owners:
             prefix = f"{owner_path}." if owner_path else ""
             mine = [p[len(prefix):] for p, _ in layers if p.startswith(prefix)]

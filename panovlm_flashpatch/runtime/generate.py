@@ -1,29 +1,23 @@
-"""Marks the forwards that run inside ``generate()`` of a model the plugin armed (dispatch.py reads the mark).
+"""Runs ``generate()`` of a model the plugin armed between dispatch.enter_generate and dispatch.leave_generate.
 
 ``GenerationMixin.generate`` is wrapped once. For a model whose state says a component of it switches per
-forward, the wrapper reads ``PANOVLM_FLASHPATCH_GENERATE_FA2`` / ``apply(generate_fa2=...)`` once per call
-and, unless it keeps FlashAttention-2, counts the call in a thread-local depth for its duration (nested
-calls, such as an assistant model's generate, count too). At entry the armed components are put on their
-fallback at once (dispatch.enter_generate), because with a static cache transformers builds the masks outside
-the forwards, for the backend in place. Nothing needs restoring: each later forward picks its own backend, and
-whatever a user set themselves is left alone.
+forward, the wrapper reads ``PANOVLM_FLASHPATCH_GENERATE_FA2`` / ``apply(generate_fa2=...)`` once per call and,
+unless it keeps FlashAttention-2, marks the call (every forward inside picks the generate backend), puts the
+armed components on their fallback at once (with a static cache transformers builds the masks outside the
+forwards, for the backend in place), and puts them back on what the plugin loaded when it returns or raises.
+Whatever someone else set is left alone (dispatch.py).
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 
-from .. import state
+from .. import _safety, state
 from .._wrapping import unwrap, wrap_once
+from . import dispatch
 
 _MARKER = "_self_panovlm_flashpatch_generate"
-_local = threading.local()
 _installed: dict[str, object] = {}
-
-
-def active() -> bool:
-    return getattr(_local, "depth", 0) > 0
 
 
 def _generate(wrapped, instance, args, kwargs):
@@ -35,18 +29,16 @@ def _generate(wrapped, instance, args, kwargs):
     if current().generate_fa2:
         return wrapped(*args, **kwargs)
     try:
-        from . import dispatch
-
         dispatch.enter_generate(instance)
     except Exception as exc:  # each forward still picks its backend
-        from .. import _safety
-
         _safety.absorb("generate() switch", exc, "its forwards picked their backend one by one")
-    _local.depth = getattr(_local, "depth", 0) + 1
     try:
         return wrapped(*args, **kwargs)
     finally:
-        _local.depth -= 1
+        try:
+            dispatch.leave_generate(instance)
+        except Exception as exc:  # the next forward picks its backend anyway
+            _safety.absorb("generate() switch", exc, "the model stays on SDPA until its next forward")
 
 
 def install() -> None:

@@ -82,3 +82,22 @@ def test_a_text_classification_pipeline_on_a_float32_phi3(applied, tmp_path):
     assert len(out) == 2
     (rec,) = panovlm_flashpatch.report(classify.model)
     assert rec["backend"] == "flash_attention_2"
+
+
+def test_compiled_fullgraph_with_a_mask_and_the_users_backend_after_generate(applied, tmp_path, kernel_calls):
+    path = tiny.build_lm(str(tmp_path / "lm"))
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
+    batch = {k: v.cuda() for k, v in tiny.lm_inputs(batch=2, length=32).items()}
+    compiled = torch.compile(model, fullgraph=True)  # transformers' FA2 mask helper alone refuses fullgraph
+    with torch.no_grad():
+        expected = _logits(_plain(path, dtype=torch.bfloat16))
+        got = compiled(**batch).logits.float()
+    assert torch.allclose(got, expected, atol=5e-2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert model.config._attn_implementation == "flash_attention_2"  # back on what the plugin loaded
+    model.set_attn_implementation("sdpa")
+    kernel_calls.clear()
+    _logits(model)
+    assert kernel_calls == [] and model.config._attn_implementation == "sdpa"
