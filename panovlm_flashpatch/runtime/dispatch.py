@@ -107,10 +107,10 @@ def before_trace(module, armed: dict) -> None:
     shared = armed["spec"]
     if shared["kind"] != "config":
         return  # swapping layer classes inside a trace is not something to ask of Dynamo
-    config = module.config
-    now = config._attn_implementation
+    values = module.config.__dict__  # a plain dict write: Dynamo replays it; the config's own __setattr__ it may not
+    now = values.get("_attn_implementation_internal")
     if _ours(shared, now) and now != shared["fallback"]:
-        config._attn_implementation_internal = shared["fallback"]
+        values["_attn_implementation_internal"] = shared["fallback"]
         shared["current"] = shared["fallback"]
 
 
