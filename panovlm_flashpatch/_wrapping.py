@@ -32,3 +32,27 @@ def unwrap(owner, name: str, original, installed) -> bool:
         setattr(owner, name, original)
         return True
     return False
+
+
+class Slot:
+    """One attribute of a class in an importable module, wrapped once by :meth:`install` and put back by
+    :meth:`uninstall` (which does nothing before the module is imported: then nothing was wrapped)."""
+
+    def __init__(self, module: str, owner: str, name: str, wrapper, marker: str):
+        self.module, self.owner, self.name, self.wrapper, self.marker = module, owner, name, wrapper, marker
+        self.done = None  # (original entry, installed wrapper) while ours is in place
+
+    def _owner(self):
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.owner)
+
+    def install(self) -> None:
+        if self.done is None:
+            self.done = wrap_once(self._owner(), self.name, self.wrapper, self.marker)
+
+    def uninstall(self) -> None:
+        import sys
+
+        if self.done is not None and self.module in sys.modules and unwrap(self._owner(), self.name, *self.done):
+            self.done = None

@@ -40,7 +40,7 @@ import torch
 import threading
 
 from .. import _safety, reporting, state
-from .._wrapping import unwrap, wrap_once
+from .._wrapping import Slot
 
 FA2 = "flash_attention_2"
 HALF = (torch.float16, torch.bfloat16)
@@ -179,9 +179,6 @@ def _warn_training(module, injected: str) -> None:
 # --- someone else chooses a backend -------------------------------------------------------------------------
 
 _MARKER = "_self_panovlm_flashpatch_user_backend"
-_installed: dict[str, object] = {}
-
-
 def _user_chooses(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     if instance is not None and not isinstance(instance, type):
@@ -193,22 +190,9 @@ def _user_chooses(wrapped, instance, args, kwargs):
     return result
 
 
-def install() -> None:
-    """Wraps ``set_attn_implementation`` (transformers >= 4.54): a backend chosen through it is the caller's."""
-    from transformers import modeling_utils
-
-    done = wrap_once(modeling_utils.PreTrainedModel, "set_attn_implementation", _user_chooses, _MARKER)
-    if done is not None:
-        _installed["original"], _installed["wrapper"] = done
-
-
-def uninstall() -> None:
-    if "wrapper" not in _installed or "transformers.modeling_utils" not in sys.modules:
-        return
-    from transformers import modeling_utils
-
-    if unwrap(modeling_utils.PreTrainedModel, "set_attn_implementation", _installed["original"], _installed["wrapper"]):
-        _installed.clear()
+_SLOT = Slot("transformers.modeling_utils", "PreTrainedModel", "set_attn_implementation", _user_chooses, _MARKER)
+#: Wraps ``set_attn_implementation`` (transformers >= 4.54): a backend chosen through it is the caller's.
+install, uninstall = _SLOT.install, _SLOT.uninstall
 
 
 def situation(module, armed: dict, kwargs) -> str | None:

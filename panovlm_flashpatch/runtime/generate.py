@@ -10,14 +10,12 @@ Whatever someone else set is left alone (dispatch.py).
 
 from __future__ import annotations
 
-import sys
 
 from .. import _safety, state
-from .._wrapping import unwrap, wrap_once
+from .._wrapping import Slot
 from . import dispatch
 
 _MARKER = "_self_panovlm_flashpatch_generate"
-_installed: dict[str, object] = {}
 
 
 def _generate(wrapped, instance, args, kwargs):
@@ -41,18 +39,5 @@ def _generate(wrapped, instance, args, kwargs):
             _safety.absorb("generate() switch", exc, "the model stays on SDPA until its next forward")
 
 
-def install() -> None:
-    from transformers.generation.utils import GenerationMixin
-
-    done = wrap_once(GenerationMixin, "generate", _generate, _MARKER)
-    if done is not None:
-        _installed["original"], _installed["wrapper"] = done
-
-
-def uninstall() -> None:
-    if "wrapper" not in _installed or "transformers.generation.utils" not in sys.modules:
-        return
-    from transformers.generation.utils import GenerationMixin
-
-    if unwrap(GenerationMixin, "generate", _installed["original"], _installed["wrapper"]):
-        _installed.clear()
+_SLOT = Slot("transformers.generation.utils", "GenerationMixin", "generate", _generate, _MARKER)
+install, uninstall = _SLOT.install, _SLOT.uninstall

@@ -19,10 +19,9 @@ the call names an ``attn_implementation`` itself.
 from __future__ import annotations
 
 import copy
-import sys
 
 from .. import state
-from .._wrapping import unwrap, wrap_once
+from .._wrapping import Slot
 
 _installed: dict[str, object] = {}
 _MARKER = "_self_panovlm_flashpatch_from_config"
@@ -54,29 +53,24 @@ def _from_config(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def install() -> None:
-    from transformers import modeling_utils
+_SLOT = Slot("transformers.modeling_utils", "PreTrainedModel", "_from_config", _from_config, _MARKER)
 
+
+def install() -> None:
     from ..compat import config_base_class
 
     base = config_base_class()
     if "class" not in _installed and vars(base).get("__getstate__") in (None, _getstate):
         base.__getstate__ = _getstate  # transformers defines none; if it ever does, not ours to replace
         _installed["class"] = base
-    done = wrap_once(modeling_utils.PreTrainedModel, "_from_config", _from_config, _MARKER)
-    if done is not None:
-        _installed["original"], _installed["wrapper"] = done
+    _SLOT.install()
 
 
 def uninstall() -> None:
     base = _installed.pop("class", None)
     if base is not None and vars(base).get("__getstate__") is _getstate:
         del base.__getstate__
-    if "wrapper" in _installed and "transformers.modeling_utils" in sys.modules:
-        from transformers import modeling_utils
-
-        if unwrap(modeling_utils.PreTrainedModel, "_from_config", _installed["original"], _installed["wrapper"]):
-            del _installed["original"], _installed["wrapper"]
+    _SLOT.uninstall()
 
 
 

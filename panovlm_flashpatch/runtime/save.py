@@ -23,15 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 import torch
 
 from .. import _safety, reporting, state
-from .._wrapping import unwrap, wrap_once
+from .._wrapping import Slot
 
 _MARKER = "_self_panovlm_flashpatch_save"
-_installed: dict[str, object] = {}
 
 
 def arm(model, checkpoint_dtype: str, loaded_dtype: str, checkpoint: str) -> None:
@@ -134,18 +132,5 @@ def _warn(model, info: dict, kept: bool, why: str = "") -> None:
     reporting.emit(logging.WARNING, message)
 
 
-def install() -> None:
-    from transformers import modeling_utils
-
-    done = wrap_once(modeling_utils.PreTrainedModel, "save_pretrained", _save, _MARKER)
-    if done is not None:
-        _installed["original"], _installed["wrapper"] = done
-
-
-def uninstall() -> None:
-    if "wrapper" not in _installed or "transformers.modeling_utils" not in sys.modules:
-        return
-    from transformers import modeling_utils
-
-    if unwrap(modeling_utils.PreTrainedModel, "save_pretrained", _installed["original"], _installed["wrapper"]):
-        _installed.clear()
+_SLOT = Slot("transformers.modeling_utils", "PreTrainedModel", "save_pretrained", _save, _MARKER)
+install, uninstall = _SLOT.install, _SLOT.uninstall
