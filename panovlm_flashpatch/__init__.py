@@ -5,6 +5,7 @@ Public API::
     import panovlm_flashpatch
     panovlm_flashpatch.apply()          # wrap PreTrainedModel.from_pretrained (once); options below
     # panovlm_flashpatch.apply(padding_free=True): also run padded training forwards packed
+    # panovlm_flashpatch.apply(fast_generate=True): generate() on a static cache, its decode step compiled
     model = AutoModelForCausalLM.from_pretrained(path)
     panovlm_flashpatch.report(model)    # per component: backend, dtype, reason, attempts
     panovlm_flashpatch.remove()         # restore the originals exactly, forget the options
@@ -19,7 +20,8 @@ __all__ = ["apply", "remove", "is_applied", "report", "clear_report", "__version
 
 
 def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | None = None,
-          encoders_fa2: bool | None = None, generate_fa2: bool | None = None) -> bool:
+          encoders_fa2: bool | None = None, generate_fa2: bool | None = None,
+          fast_generate: bool | None = None) -> bool:
     """Patches ``transformers.PreTrainedModel.from_pretrained`` (once) and sets the options given.
 
     Calling it again (or after automatic activation) installs nothing twice; it only updates the options
@@ -31,6 +33,9 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
             same, and outputs with a loss carry no logits (``PANOVLM_FLASHPATCH_PADDING_FREE``).
         encoders_fa2: vision/text/audio encoders may take FlashAttention-2 (``PANOVLM_FLASHPATCH_ENCODERS_FA2``).
         generate_fa2: ``generate()`` stays on FlashAttention-2 (``PANOVLM_FLASHPATCH_GENERATE_FA2``).
+        fast_generate: ``generate()`` decodes on a static KV cache whose decode step transformers compiles: several
+            times faster per token after a one-off compilation of tens of seconds (``PANOVLM_FLASHPATCH_FAST_GENERATE``;
+            README "Fast generation").
 
     Returns:
         True when the patch is in place; False when the plugin stands aside (an unsupported transformers).
@@ -38,7 +43,7 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
     from .patch import apply as _apply
 
     return _apply(keep_explicit_sdpa=keep_explicit_sdpa, padding_free=padding_free, encoders_fa2=encoders_fa2,
-                  generate_fa2=generate_fa2)
+                  generate_fa2=generate_fa2, fast_generate=fast_generate)
 
 
 def remove() -> bool:

@@ -15,6 +15,7 @@ AUTO = "PANOVLM_FLASHPATCH_AUTO"
 GENERATE_FA2 = "PANOVLM_FLASHPATCH_GENERATE_FA2"
 ENCODERS_FA2 = "PANOVLM_FLASHPATCH_ENCODERS_FA2"
 PADDING_FREE = "PANOVLM_FLASHPATCH_PADDING_FREE"
+FAST_GENERATE = "PANOVLM_FLASHPATCH_FAST_GENERATE"
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -24,7 +25,8 @@ LOSS_ONLY = "loss_only"
 # name -> (default, reading of a value we do not understand, what each reading means). The unknown
 # readings: a garbled DISABLE_FLASH_ATTN disables the plugin (the user was reaching for the off switch),
 # a garbled KEEP_SDPA keeps the caller's "sdpa", a garbled AUTO leaves automatic activation off, garbled
-# GENERATE_FA2 / ENCODERS_FA2 keep the measured-faster SDPA, a garbled PADDING_FREE leaves forwards padded.
+# GENERATE_FA2 / ENCODERS_FA2 keep the measured-faster SDPA, a garbled PADDING_FREE leaves forwards padded, a
+# garbled FAST_GENERATE leaves generate() as transformers runs it (no compilation the user did not ask for).
 VARIABLES = {
     DISABLE_FLASH_ATTN: (False, True, {True: "the plugin is off: every load passes through untouched",
                                        False: "the plugin is on"}),
@@ -36,6 +38,8 @@ VARIABLES = {
     PADDING_FREE: (False, False, {True: "padding-free packing is on",
                                   LOSS_ONLY: "padding-free packing is on, and outputs with a loss carry no logits",
                                   False: "padding-free packing is off"}),
+    FAST_GENERATE: (False, False, {True: "generate() decodes on a static cache with a compiled step",
+                                   False: "generate() uses transformers' default cache"}),
 }
 NAMES = tuple(VARIABLES)
 

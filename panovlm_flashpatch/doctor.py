@@ -78,6 +78,8 @@ def collect(model_path: str | None = None, attn_implementation: str | None = Non
     info["flash_attention_2.usable"] = not blockers
     info["flash_attention_2.reasons"] = list(blockers)
     current = settings_module.current()
+    info["fast_generate.enabled"] = current.fast_generate
+    info["fast_generate.support"] = _fast_generate_support(facts)
     pth = _activation_file()
     info["activation.installed"] = pth is not None
     info["activation.file"] = pth
@@ -89,6 +91,19 @@ def collect(model_path: str | None = None, attn_implementation: str | None = Non
     if model_path is not None:
         info.update(dry_run(model_path, attn_implementation, dtype, trust_remote_code, caps, current, facts))
     return info
+
+
+def _fast_generate_support(facts) -> str:
+    """How fast_generate sizes its static cache on this transformers, or why it cannot run here."""
+    if not facts.supported:
+        return f"unavailable: transformers {facts.version} is not supported"
+    from .runtime import fast_generate
+
+    how = fast_generate.sizing()
+    if how is None:
+        return f"unavailable: transformers {facts.version} does not compile generate()'s decode step (4.48 and later do)"
+    return {"max_cache_len": "yes: transformers' max_cache_len sizes the static cache",
+            "own cache": "yes: a static cache kept per model sizes the cache"}[how] + " (GPU models only)"
 
 
 class NotACheckpoint(Exception):

@@ -64,7 +64,7 @@ def apply(**options) -> bool:
     """Wraps ``PreTrainedModel.from_pretrained`` (once; thread-safe) and keeps the options given.
 
     Options (each None by default, which keeps its current value; unset, the environment decides):
-    ``keep_explicit_sdpa``, ``encoders_fa2``, ``generate_fa2`` (booleans) and ``padding_free``
+    ``keep_explicit_sdpa``, ``encoders_fa2``, ``generate_fa2``, ``fast_generate`` (booleans) and ``padding_free``
     (True, False or ``"loss_only"``). They apply to every load from then on; ``remove()`` forgets them.
 
     Returns:
@@ -242,6 +242,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float, c
             attempts=tuple(a.to_dict() for a in attempts),
             phases=fields.get("phases", {}),
             padding_free=fields.get("padding_free"),
+            fast_generate=fields.get("fast_generate"),
             seconds=round(seconds, 4),
             overhead_ms=overhead_ms,
         ))

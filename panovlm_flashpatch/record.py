@@ -49,6 +49,8 @@ class ComponentRecord:
         phases: situation -> backend, where a forward runs another backend than ``backend``
             (``{"generate()": "sdpa", "float32 outside autocast": "sdpa", ...}``).
         padding_free: the padding-free status, when the switch is on (else None).
+        fast_generate: the fast-generate status of a language model, when the switch is on or was used (else None):
+            calls on the static cache, compilations, cache lengths, calls left to the default cache and why.
         seconds: time the load took; overhead_ms: the plugin's own part of it.
     """
 
@@ -70,6 +72,7 @@ class ComponentRecord:
     attempts: tuple
     phases: Mapping[str, str]
     padding_free: str | None
+    fast_generate: str | None
     seconds: float
     overhead_ms: float
 
@@ -129,7 +132,10 @@ def _read_again(model, records: list[dict]) -> None:
     keys = tuple(r["component"] for r in records if r["component"])
     seen = observe(model, keys)
     switched = _switched(model)
+    fast = _fast_generate_status(model)
     for rec in records:
+        if fast is not None and (rec["role"] == "language model" or len(records) == 1):
+            rec["fast_generate"] = fast
         now = seen.get(rec["component"])
         if now is None:
             continue
@@ -138,6 +144,14 @@ def _read_again(model, records: list[dict]) -> None:
         if shared is not None and not shared.get("user") and backend in (shared["loaded"], shared["fallback"]):
             backend = shared["loaded"]  # the per-forward switch is in charge: the last forward's pick is not news
         rec["backend"], rec["dtype"] = backend, now.dtype
+
+
+def _fast_generate_status(model) -> str | None:
+    from .runtime import fast_generate
+    from .settings import current
+
+    tally = fast_generate.tally_of(model) if (state.of(model) or {}).get("generate") else None
+    return fast_generate.status(model, tally, current()) if tally is not None else None
 
 
 def _switched(model) -> dict[str, dict]:

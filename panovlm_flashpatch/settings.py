@@ -25,9 +25,10 @@ AUTO = _env.AUTO
 GENERATE_FA2 = _env.GENERATE_FA2
 ENCODERS_FA2 = _env.ENCODERS_FA2
 PADDING_FREE = _env.PADDING_FREE
+FAST_GENERATE = _env.FAST_GENERATE
 LOSS_ONLY = _env.LOSS_ONLY
 
-#: Setting -> its environment variable. The last four can also be given to ``apply()``.
+#: Setting -> its environment variable. The last five can also be given to ``apply()``.
 VARIABLE_OF = {
     "disabled": DISABLE_FLASH_ATTN,
     "auto": AUTO,
@@ -35,8 +36,9 @@ VARIABLE_OF = {
     "encoders_fa2": ENCODERS_FA2,
     "generate_fa2": GENERATE_FA2,
     "padding_free": PADDING_FREE,
+    "fast_generate": FAST_GENERATE,
 }
-OPTIONS = ("keep_explicit_sdpa", "encoders_fa2", "generate_fa2", "padding_free")
+OPTIONS = ("keep_explicit_sdpa", "encoders_fa2", "generate_fa2", "padding_free", "fast_generate")
 _ACCEPTED = {"padding_free": (True, False, LOSS_ONLY)}
 
 
@@ -51,6 +53,7 @@ class Settings:
         encoders_fa2: vision/text/audio encoders may get FlashAttention-2 (by default they keep SDPA).
         generate_fa2: ``generate()`` stays on FlashAttention-2 (by default it runs on SDPA).
         padding_free: True, False or ``"loss_only"``: padded training forwards of causal LMs run packed.
+        fast_generate: ``generate()`` decodes on a static cache with transformers' compiled decode step.
         problems: one message per variable whose value was not understood.
         sources: setting -> where its value came from (``"apply(padding_free=True)"``,
             ``"PANOVLM_FLASHPATCH_KEEP_SDPA=1"``, or ``"default"``).
@@ -62,6 +65,7 @@ class Settings:
     encoders_fa2: bool = False
     generate_fa2: bool = False
     padding_free: bool | str = False
+    fast_generate: bool = False
     problems: tuple[str, ...] = ()
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 

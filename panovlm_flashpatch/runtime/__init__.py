@@ -9,7 +9,8 @@ and :func:`uninstall` from ``remove()``; adding a feature is one new module and 
 
 * switch   - dispatch.py + generate.py + forward.py: per forward, FlashAttention-2 or the fallback backend;
 * padding-free - padding_free.py: padded training forwards of causal LMs run packed (opt-in);
-* save     - save.py: ``save_pretrained`` keeps the checkpoint's dtype.
+* save     - save.py: ``save_pretrained`` keeps the checkpoint's dtype;
+* fast generate - fast_generate.py + generate.py: ``generate()`` on a static cache, its decode step compiled (opt-in).
 
 (ranks.py compares the finished records across ranks; it runs after the records exist, see patch.py.)
 """
@@ -43,9 +44,9 @@ class Load:
 
 
 def _features():
-    from . import dispatch, padding_free, save
+    from . import dispatch, fast_generate, padding_free, save
 
-    return (("switch", dispatch), ("padding-free", padding_free), ("save", save))
+    return (("switch", dispatch), ("padding-free", padding_free), ("save", save), ("fast generate", fast_generate))
 
 
 def attach(model, load: Load) -> dict[str | None, list[Effect]]:
@@ -66,17 +67,20 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
         st = state.of(module)
         if state.live(st) and ("dispatch" in st or "padding_free" in st):
             forward.ensure(type(module))
-    if state.live(state.of(model)) and state.of(model).get("switches"):
-        generate.install()
+    top = state.of(model)
+    if state.live(top) and top.get("switches"):
         dispatch.install()
         portable.install()
+    if state.live(top) and (top.get("switches") or "generate" in top):
+        generate.install()
     return effects
 
 
 def uninstall() -> None:
     """Puts back every class attribute the features wrapped; armed models then run as plain transformers."""
-    from . import dispatch, forward, generate, portable, save
+    from . import dispatch, fast_generate, forward, generate, portable, save
 
+    fast_generate.uninstall()
     forward.uninstall()
     generate.uninstall()
     dispatch.uninstall()
