@@ -36,10 +36,23 @@ def fast(monkeypatch, patched):
 
 
 @pytest.fixture(scope="module")
-def reference(ckpts):
+def lm(tmp_path_factory):
+    """A tiny LM whose greedy continuation depends on its context: with the default initialisation (std 0.02) it
+    repeats one token whatever it is given, and a cache that leaks another call's keys would go unseen."""
+    return tiny.build_lm(str(tmp_path_factory.mktemp("fastgen") / "lm"), initializer_range=0.6,
+                         max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def reference(lm):
     """Plain transformers on the same checkpoint (loaded with the plugin off)."""
     panovlm_flashpatch.remove()
-    return AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    return AutoModelForCausalLM.from_pretrained(lm)
+
+
+@pytest.fixture
+def ckpts(lm, ckpts):
+    return {**ckpts, "lm": lm}
 
 
 def ids(batch=1, length=12, seed=0):
@@ -87,6 +100,7 @@ def test_greedy_tokens_equal_plain_transformers_and_the_cache_is_static_and_buck
     prompt = ids(length=40)
     got = model.generate(prompt, max_new_tokens=20, do_sample=False)
     assert torch.equal(got, reference.generate(prompt, max_new_tokens=20, do_sample=False))
+    assert len(set(got[0, 40:].tolist())) > 3, "the continuation must depend on the context for this test to mean anything"
     assert {type(c).__name__ for c in seen} == {"StaticCache"}
     assert getattr(seen[0], "layers", [seen[0]])[0].max_cache_len == fast_generate.bucket(40 + 20 + 1) == 256
     assert tally(model)["fast"] == 1 and tally(model)["lengths"] == [256]
@@ -151,17 +165,110 @@ def test_on_the_flashattention2_emulation_generate_runs_sdpa_and_restores(fast, 
     (dict(num_beams=2), "beam search"),
     (dict(use_cache=False), "use_cache=False"),
     ("generation_config", "cache_implementation"),
+    ("model's generation_config", "cache_implementation='dynamic'"),
+    ("streamer", "a streamer is given"),
+    (dict(return_dict_in_generate=True), "return_dict_in_generate=True"),
+    (dict(max_new_tokens=1100), "more than the model's 1024 (max_position_embeddings)"),
 ])
 def test_the_callers_own_choices_are_left_alone(fast, ckpts, reference, call, reason, caplog):
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
     if call == "generation_config":
         call = dict(generation_config=GenerationConfig(max_new_tokens=4, cache_implementation="static"))
-    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    elif call == "model's generation_config":  # transformers fills a passed config's defaults from the model's
+        model.generation_config.cache_implementation = reference.generation_config.cache_implementation = "dynamic"
+        call = dict(generation_config=GenerationConfig(do_sample=False))
+    elif call == "streamer":
+        call = dict(streamer=_Streamer())
     prompt = ids(length=10)
     with caplog.at_level(logging.INFO, logger="panovlm_flashpatch"):
-        got = model.generate(prompt, **{"max_new_tokens": 4, **call})
-    assert torch.equal(got, reference.generate(prompt, **{"max_new_tokens": 4, **call}))
+        got = model.generate(prompt, **{"max_new_tokens": 4, "eos_token_id": None, **call})
+    try:
+        expected = reference.generate(prompt, **{"max_new_tokens": 4, "eos_token_id": None, **call})
+    finally:
+        reference.generation_config.cache_implementation = None
+    if not isinstance(got, torch.Tensor):  # return_dict_in_generate
+        got, expected = got.sequences, expected.sequences
+    assert torch.equal(got, expected)
     assert tally(model)["fast"] == 0 and list(tally(model)["left"]) and reason in next(iter(tally(model)["left"]))
     assert reason in caplog.text and reason in status(model)
+
+
+class _Streamer:
+    def __init__(self):
+        self.values = []
+
+    def put(self, value):
+        self.values.append(value)
+
+    def end(self):
+        pass
+
+
+def test_a_passed_generation_config_gets_the_cache_in_a_copy(fast, ckpts, reference, monkeypatch, recwarn, caplog):
+    # transformers 5 warns (and means to refuse) a generation config passed together with generation arguments.
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    seen = caches_seen(model, monkeypatch)
+    config = GenerationConfig(max_new_tokens=7, do_sample=False)
+    before = config.to_dict()
+    prompt = ids(length=14, seed=5)
+    with caplog.at_level(logging.WARNING):
+        positional = model.generate(prompt, config)
+        keyword = model.generate(prompt, generation_config=config)
+    assert torch.equal(positional, reference.generate(prompt, config)) and torch.equal(keyword, positional)
+    assert config.to_dict() == before and {type(c).__name__ for c in seen} == {"StaticCache"}
+    noise = caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "together with generation-related arguments" not in noise
+
+
+def test_the_models_generation_config_sizes_the_cache(fast, ckpts, reference, monkeypatch):
+    # Fault (adversarial run): the model's max_new_tokens=200 under a passed config that leaves it unset was not
+    # read, the cache was sized for 20 new tokens, and the static call overflowed.
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    model.generation_config.max_new_tokens = reference.generation_config.max_new_tokens = 200
+    seen = caches_seen(model, monkeypatch)
+    prompt = ids(length=10, seed=6)
+    try:
+        got = model.generate(prompt, generation_config=GenerationConfig(do_sample=False), eos_token_id=None)
+        assert torch.equal(got, reference.generate(prompt, generation_config=GenerationConfig(do_sample=False),
+                                                   eos_token_id=None))
+    finally:
+        reference.generation_config.max_new_tokens = None
+    assert got.shape[1] == 210 and getattr(seen[0], "layers", [seen[0]])[0].max_cache_len == 512
+    assert tally(model)["broken"] is None
+
+
+def test_concurrent_calls_on_one_model_and_a_dtype_change_meet_no_stale_cache(fast, ckpts, reference):
+    # Fault (adversarial run, transformers 4.57): one static cache kept per model was reset by a second call while
+    # the first still decoded on it (wrong tokens), and reused after model.to(bfloat16) (dtype error).
+    import threading
+
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    prompts = [ids(length=8 + 5 * i, seed=20 + i) for i in range(6)]
+    expected = [reference.generate(p, max_new_tokens=12, do_sample=False) for p in prompts]
+    got = [None] * len(prompts)
+
+    def work(i):
+        got[i] = model.generate(prompts[i], max_new_tokens=12, do_sample=False)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    model.to(torch.bfloat16)
+    model.generate(prompts[0], max_new_tokens=4, do_sample=False)
+    assert tally(model)["broken"] is None and tally(model)["fast"] == len(prompts) + 1
+
+
+def test_an_assistants_generate_inside_assisted_generation_is_not_touched(fast, ckpts, reference):
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    assistant = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    prompt = ids(length=10, seed=8)
+    got = model.generate(prompt, assistant_model=assistant, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, reference.generate(prompt, max_new_tokens=6, do_sample=False))
+    assert "assisted generation" in next(iter(tally(model)["left"]))
+    assert tally(assistant)["fast"] == 0 and tally(assistant)["dynamic"] == 0  # transformers' inner calls are not ours
 
 
 def test_a_cache_given_by_the_caller_is_used(fast, ckpts, monkeypatch):

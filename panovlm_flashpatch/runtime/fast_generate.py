@@ -11,22 +11,25 @@ What a call gets, when the switch is on and nothing in the call asks for somethi
 evaluation loop of varying prompt lengths compiles once per bucket and batch size, not once per length.
 transformers keeps its cache at the largest length it has seen, so a loop compiles at most once per bucket it
 climbs to. How the length reaches transformers depends on its version (:func:`sizing`): its own
-``max_cache_len`` option where it has one (5.17 and later); before that, a static cache we build with its
-public constructor, keep per model, and reset before each call (what transformers does with its own).
+``max_cache_len`` option where it has one (5.17 and later); before that, a static cache built for the call
+with transformers' public constructor (never shared between calls).
 
 Left exactly as transformers would run it (the reason is counted, logged once, and shown by ``report(model)``):
-a cache, ``cache_implementation``, ``use_cache=False`` or ``disable_compile`` given by the caller or the
-model's generation config; beam search; assisted generation; ``synced_gpus``; encoder-decoder models; a model
-off the GPU; transformers before 4.48 (no compiled decode step). Nothing here changes the call's generation
-config or the model's: the cache settings travel as arguments of that one call. If the static path raises,
-the call is run again as the caller wrote it and the model keeps transformers' default from then on.
+a cache, ``cache_implementation``, ``use_cache=False`` or ``disable_compile`` given by the caller or a
+generation config (the passed one or the model's, read as transformers reads them); beam search, assisted
+generation and other decoding methods than greedy and sampling; ``synced_gpus``; a streamer (a failure could
+not be re-run unseen); ``return_dict_in_generate`` and ``output_attentions`` (a static cache would show in
+what the call returns); a call that may need more positions than the model has; a call made from inside
+another ``generate()`` (an assistant's); encoder-decoder models; a model off the GPU; transformers before 4.48
+(no compiled decode step). Nothing here changes a generation config: the cache settings travel as arguments
+of that one call (or in a copy of the config it passed). If the static path raises, the call is run again as
+the caller wrote it and the model keeps transformers' default from then on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import weakref
 
 import torch
 
@@ -45,8 +48,6 @@ HINT_AFTER = 16
 #: What the switch measured, for that line (benchmarks/results/fast_generate/; README "Fast generation").
 MEASURED = ("measured by this project on an H200 with a Qwen3-0.6B-shaped model, 512-token prompts: 7.3x the tokens/s "
             "of the default at batch 1 and 6.8x at batch 8, after a one-off compilation of 37-49 s per batch size")
-
-_OWN_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the static cache we keep for it
 
 #: The per-model tally of generate() calls: plain data on the model (copies keep it), but beside the plugin's state,
 #: not in it. TorchDynamo guards on what the forward wrapper reads of that state when it compiles the decode step,
@@ -102,84 +103,122 @@ def _device_reason(model) -> str | None:
     return None
 
 
-def _caller_choice(model, args, kwargs) -> str | None:
-    """What in the call (or the generation config it uses) already decides the cache or the decoding."""
-    config = kwargs.get("generation_config", args[1] if len(args) > 1 else None) or model.generation_config
+class _Call:
+    """One generate() call as transformers will read it: the call's arguments over the generation config it
+    passes, over the model's generation config (transformers fills a passed config's default values from the
+    model's), over the library defaults."""
 
-    def given(name, default=None):
-        return kwargs[name] if name in kwargs else getattr(config, name, default)
+    def __init__(self, model, args, kwargs):
+        from transformers import GenerationConfig
 
+        self.model, self.args, self.kwargs = model, args, kwargs
+        self.passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        self.defaults = _defaults(GenerationConfig)
+
+    def get(self, name, default=None):
+        if name in self.kwargs:
+            value = self.kwargs[name]
+        else:
+            value = getattr(self.defaults, name, None)
+            passed = getattr(self.passed, name, value) if self.passed is not None else value
+            if passed != value:
+                value = passed
+            else:
+                value = getattr(self.model.generation_config, name, value)
+        return default if value is None else value
+
+
+_DEFAULTS: list = []
+
+
+def _defaults(cls):
+    if not _DEFAULTS:
+        _DEFAULTS.append(cls())
+    return _DEFAULTS[0]
+
+
+def _caller_choice(call: _Call) -> str | None:
+    """What in the call (or the generation config it uses) already decides the cache or the decoding, or what a
+    static cache would change in what the call returns."""
+    kwargs = call.kwargs
     for name in ("past_key_values", "cache"):
         if kwargs.get(name) is not None:
             return f"the call passes its own cache ({name})"
-    if given("cache_implementation") is not None:
-        return f"cache_implementation={given('cache_implementation')!r} is set by the call or the generation config"
-    if given("use_cache") is False:
+    if call.get("cache_implementation") is not None:
+        return f"cache_implementation={call.get('cache_implementation')!r} is set by the call or a generation config"
+    if call.get("use_cache") is False:
         return "use_cache=False"
-    if given("disable_compile"):
+    if call.get("disable_compile"):
         return "disable_compile=True"
-    if (given("num_beams") or 1) > 1:
+    if call.get("num_beams", 1) > 1:
         return "beam search (num_beams > 1)"
-    if kwargs.get("assistant_model") is not None or given("prompt_lookup_num_tokens") is not None:
+    if (kwargs.get("assistant_model") is not None or call.get("prompt_lookup_num_tokens") is not None
+            or call.get("assistant_early_exit") is not None):
         return "assisted generation"
+    if call.get("penalty_alpha") is not None or call.get("dola_layers") is not None or kwargs.get("custom_generate"):
+        return "a decoding method other than greedy or sampling"
     if kwargs.get("synced_gpus"):
         return "synced_gpus=True"
+    if kwargs.get("streamer") is not None:
+        # A static-cache failure could not be run again without showing the streamed tokens twice.
+        return "a streamer is given"
+    if call.get("return_dict_in_generate"):
+        return "return_dict_in_generate=True (its past_key_values would be a static cache, which a later call cannot grow)"
+    if call.get("output_attentions"):
+        return "output_attentions=True (a static cache returns attention over its whole length)"
     return None
 
 
-def _needed(model, args, kwargs) -> tuple[int, int]:
+def _needed(call: _Call) -> tuple[int, int]:
     """(batch size of the cache, positions it must hold): an upper bound from the call's inputs and limits."""
-    config = kwargs.get("generation_config", args[1] if len(args) > 1 else None) or model.generation_config
-
-    def given(name, default=None):
-        value = kwargs[name] if name in kwargs else getattr(config, name, default)
-        return default if value is None else value
-
     batch, length = 1, 0
-    first = args[0] if args else kwargs.get("inputs")
-    for tensor in (first, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+    first = call.args[0] if call.args else call.kwargs.get("inputs")
+    for tensor in (first, call.kwargs.get("input_ids"), call.kwargs.get("inputs_embeds")):
         if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
             batch, length = tensor.shape[0], max(length, tensor.shape[1])
-    new = given("max_new_tokens")
+    new = call.get("max_new_tokens")
     # max_length counts the prompt of input_ids but not of inputs_embeds: adding the prompt is the safe bound.
-    extra = new if new is not None else given("max_length", 20)
-    copies = max(given("num_return_sequences", 1), given("num_beams", 1))
+    extra = new if new is not None else call.get("max_length", 20)
+    copies = max(call.get("num_return_sequences", 1), call.get("num_beams", 1))
     return batch * copies, length + extra + 1
 
 
-def _own_cache(model, batch: int, length: int):
-    """The static cache this model decodes on (transformers < 5.17): one per model, grown, never shrunk, reset."""
+def _position_limit(model) -> int | None:
+    try:
+        return int(getattr(model.config.get_text_config(), "max_position_embeddings", None) or 0) or None
+    except Exception:  # a config without a text config: no limit known
+        return None
+
+
+def _fresh_cache(model, batch: int, length: int):
+    """A static cache for one call (transformers 4.48-5.16, which have no max_cache_len option): built with
+    transformers' public constructor as its own generate() would build it, never shared between calls, so that
+    concurrent calls, a caller keeping the returned cache, or a model moved to another dtype cannot meet a
+    stale one. TorchDynamo guards on the cache's shape, not on the object: a new cache of a compiled shape
+    reuses the compiled step (transformers 5.17+ builds a new one per call too)."""
     import inspect
 
     from transformers import StaticCache
 
-    cache = _OWN_CACHES.get(model)
-    if cache is not None and cache.max_batch_size == batch and cache.max_cache_len >= length:
-        cache.reset()
-        return cache
-    if cache is not None and cache.max_batch_size == batch:
-        length = max(length, cache.max_cache_len)
     accepted = inspect.signature(StaticCache.__init__).parameters
     options = {"config": model.config.get_text_config(), "max_cache_len": length}
     for name, value in (("max_batch_size", batch), ("device", model.device), ("dtype", model.dtype)):
         if name in accepted:
             options[name] = value
-    cache = StaticCache(**options)
-    _OWN_CACHES[model] = cache
-    return cache
+    return StaticCache(**options)
 
 
 class _FastCall:
     """One generate() call on the static cache; counts what it compiled."""
 
-    def __init__(self, kwargs: dict, length: int):
-        self.kwargs, self.length = kwargs, length
+    def __init__(self, args: tuple, kwargs: dict, length: int):
+        self.args, self.kwargs, self.length = args, kwargs, length
 
-    def run(self, wrapped, args, tally: dict):
+    def run(self, wrapped, tally: dict):
         graphs = _graphs()
         started = time.perf_counter()
         try:
-            return wrapped(*args, **self.kwargs)
+            return wrapped(*self.args, **self.kwargs)
         finally:
             compiled = _graphs() - graphs
             tally["fast"] += 1
@@ -209,40 +248,53 @@ def prepare(model, tally: dict, args, kwargs, settings):
                 f"apply(fast_generate=True) or PANOVLM_FLASHPATCH_FAST_GENERATE=1 decodes on a static cache with a "
                 f"compiled step: {MEASURED} (README \"Fast generation\")."))
         return None
-    reason = tally.get("broken") or unavailable(model) or _device_reason(model) or _caller_choice(model, args, kwargs)
+    call = _Call(model, args, kwargs)
+    reason = tally.get("broken") or unavailable(model) or _device_reason(model) or _caller_choice(call)
     if reason is None:
-        batch, needed = _needed(model, args, kwargs)
-        if sizing() == "own cache":
-            cache = _own_cache(model, batch, bucket(needed))
-            extra, length = {"past_key_values": cache}, cache.max_cache_len
-        else:
-            # Never shorter than the longest so far: transformers does the same with its own cache, and a shorter
-            # one would compile a new graph for a length already covered.
-            length = max(bucket(needed), tally.get("largest", 0))
-            extra = {"cache_implementation": "static", "max_cache_len": length}
-        tally["largest"] = max(length, tally.get("largest", 0))
-        return _FastCall({**kwargs, **extra}, length)
-    tally["dynamic"] += 1
-    left = tally["left"]
-    left[reason] = left.get(reason, 0) + 1
-    reporting.log_once(f"fast-generate: {reason}", reporting.info_level(),
-                       f"fast_generate: {type(model).__name__}.generate() left to transformers' default cache: {reason}.")
-    return None
+        batch, needed = _needed(call)
+        limit = _position_limit(model)
+        if limit is not None and needed > limit:
+            reason = (f"the call may need {needed} positions, more than the model's {limit} (max_position_embeddings): "
+                      "no static cache that large is allocated")
+    if reason is not None:
+        tally["dynamic"] += 1
+        left = tally["left"]
+        left[reason] = left.get(reason, 0) + 1
+        reporting.log_once(f"fast-generate: {reason}", reporting.info_level(),
+                           f"fast_generate: {type(model).__name__}.generate() left to transformers' default cache: {reason}.")
+        return None
+    length = bucket(needed)
+    if limit is not None:
+        length = min(length, limit)
+    if sizing() == "own cache":
+        return _FastCall(args, {**kwargs, "past_key_values": _fresh_cache(model, batch, length)}, length)
+    # Never shorter than the longest so far: transformers does the same with its own cache, and a shorter one would
+    # compile a new graph for a length already covered.
+    length = max(length, tally.get("largest", 0))
+    tally["largest"] = length
+    if call.passed is None:
+        return _FastCall(args, {**kwargs, "cache_implementation": "static", "max_cache_len": length}, length)
+    # A generation config was passed: the cache settings go into a copy of it (transformers warns about a config
+    # passed together with generation arguments); the caller's object is not touched.
+    import copy
+
+    config = copy.deepcopy(call.passed)
+    config.cache_implementation, config.max_cache_len = "static", length
+    if "generation_config" in kwargs:
+        return _FastCall(args, {**kwargs, "generation_config": config}, length)
+    return _FastCall((args[0], config) + tuple(args[2:]), kwargs, length)
 
 
 def run(call: _FastCall, wrapped, model, tally: dict, args, kwargs):
     """Runs the fast call; if it raises, the call as the caller wrote it, and the model stays on the default."""
     try:
-        return call.run(wrapped, args, tally)
-    except Exception as exc:
-        if kwargs.get("streamer") is not None:
-            raise  # the streamer has already shown tokens: running again would show them twice
+        return call.run(wrapped, tally)
+    except Exception as exc:  # calls with a streamer never come here (_caller_choice)
         failure = exc
     # As the caller wrote it: if this raises too, the error is the call's own, and it reaches the caller unchanged.
     result = wrapped(*args, **kwargs)
     reason = f"the static-cache call raised {type(failure).__name__}: {reporting.sentence(str(failure), 200)}"
     tally["broken"] = reason
-    _OWN_CACHES.pop(model, None)
     reporting.emit(logging.WARNING, f"fast_generate: {type(model).__name__}.generate() {reason}; it ran again on "
                                     "transformers' default cache, which this model keeps from now on.")
     return result
@@ -293,4 +345,4 @@ def attach(model, load) -> dict:
 
 
 def uninstall() -> None:
-    _OWN_CACHES.clear()
+    """Nothing to put back: the generate() wrapper (generate.py) is what acts, and no cache is kept."""

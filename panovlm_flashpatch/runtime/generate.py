@@ -13,12 +13,14 @@ Whatever someone else set is left alone (dispatch.py).
 
 from __future__ import annotations
 
+import threading
 
 from .. import _safety, state
 from .._wrapping import Slot
 from . import dispatch, fast_generate
 
 _MARKER = "_self_panovlm_flashpatch_generate"
+_inside = threading.local()  # generate() calls of armed models running in this thread
 
 
 def _generate(wrapped, instance, args, kwargs):
@@ -29,7 +31,9 @@ def _generate(wrapped, instance, args, kwargs):
 
     settings = current()
     tally, fast = fast_generate.tally_of(instance) if st.get("generate") else None, None
-    if tally is not None:
+    # A generate() run from inside another (an assistant model's, in assisted generation) is transformers' own
+    # business: it is neither counted nor given a static cache.
+    if tally is not None and not getattr(_inside, "depth", 0):
         try:
             fast = fast_generate.prepare(instance, tally, args, kwargs, settings)
         except Exception as exc:  # the call runs as the caller wrote it
@@ -40,11 +44,13 @@ def _generate(wrapped, instance, args, kwargs):
             dispatch.enter_generate(instance)
         except Exception as exc:  # each forward still picks its backend
             _safety.absorb("generate() switch", exc, "its forwards picked their backend one by one")
+    _inside.depth = getattr(_inside, "depth", 0) + 1
     try:
         if fast is None:
             return wrapped(*args, **kwargs)
         return fast_generate.run(fast, wrapped, instance, tally, args, kwargs)
     finally:
+        _inside.depth -= 1
         if switch:
             try:
                 dispatch.leave_generate(instance)
