@@ -94,7 +94,7 @@ def arm_off(path: str, loop: int, rounds: int, out: dict, save) -> None:
             pairs.append({"plain_s": round(t_plain, 4), "plugin_off_s": round(t_plugin, 4), "ratio": round(t_plain / t_plugin, 4)})
         out[name] = {"pairs": pairs, "plain_tok_s": round(batch * NEW / statistics.median(p["plain_s"] for p in pairs), 1),
                      "plugin_off_tok_s": round(batch * NEW / statistics.median(p["plugin_off_s"] for p in pairs), 1),
-                     "ratio_median": statistics.median(p["ratio"] for p in pairs)}
+                     "ratio_median": round(statistics.median(p["ratio"] for p in pairs), 3)}
         save()
     del plugin
     if loop:

@@ -103,7 +103,7 @@ def _fast_generate_support(facts) -> str:
     if how is None:
         return f"unavailable: transformers {facts.version} does not compile generate()'s decode step (4.48 and later do)"
     return {"max_cache_len": "yes: transformers' max_cache_len sizes the static cache",
-            "own cache": "yes: a static cache kept per model sizes the cache"}[how] + " (GPU models only)"
+            "own cache": "yes: a static cache built for each call sizes the cache"}[how] + " (GPU models only)"
 
 
 class NotACheckpoint(Exception):

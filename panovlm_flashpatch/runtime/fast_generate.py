@@ -28,6 +28,7 @@ the caller wrote it and the model keeps transformers' default from then on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -68,9 +69,10 @@ def bucket(needed: int) -> int:
     return -(-want // LARGE_STEP) * LARGE_STEP
 
 
+@functools.lru_cache(maxsize=None)  # a property of the installed transformers: read once, not per call
 def sizing() -> str | None:
     """How a bucketed cache length reaches transformers: ``"max_cache_len"`` (its own option), ``"own cache"``
-    (a cache we pass), or None (this transformers does not compile generate()'s decode step)."""
+    (a cache built for each call and passed in), or None (this transformers does not compile generate()'s decode step)."""
     from transformers import GenerationConfig
     from transformers.modeling_utils import PreTrainedModel
 
@@ -109,11 +111,9 @@ class _Call:
     model's), over the library defaults."""
 
     def __init__(self, model, args, kwargs):
-        from transformers import GenerationConfig
-
         self.model, self.args, self.kwargs = model, args, kwargs
         self.passed = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
-        self.defaults = _defaults(GenerationConfig)
+        self.defaults = _defaults()
 
     def get(self, name, default=None):
         if name in self.kwargs:
@@ -128,13 +128,12 @@ class _Call:
         return default if value is None else value
 
 
-_DEFAULTS: list = []
+@functools.lru_cache(maxsize=None)
+def _defaults():
+    """transformers' default generation settings (built once: a GenerationConfig per call costs for nothing)."""
+    from transformers import GenerationConfig
 
-
-def _defaults(cls):
-    if not _DEFAULTS:
-        _DEFAULTS.append(cls())
-    return _DEFAULTS[0]
+    return GenerationConfig()
 
 
 def _caller_choice(call: _Call) -> str | None:
