@@ -80,6 +80,10 @@ def print_table(records: list[dict]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
         if i == 0:
             print("  ".join("-" * w for w in widths) + "  " + "-" * 3)
+    print("\nper phase (what each kind of forward runs, and why; report(model)[i]['by_phase']):")
+    for r in records:
+        for phase, choice in (r.get("by_phase") or {}).items():
+            print(f"  {r['role']:<16} {phase:<26} {choice['backend']:<30} {choice['why'][:110]}")
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ __all__ = ["apply", "remove", "is_applied", "report", "clear_report", "__version
 
 def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | None = None,
           encoders_fa2: bool | None = None, generate_fa2: bool | None = None,
-          fast_generate: bool | None = None) -> bool:
+          fast_generate: bool | None = None, sdpa_flash_first: bool | None = None) -> bool:
     """Patches ``transformers.PreTrainedModel.from_pretrained`` (once) and sets the options given.
 
     Calling it again (or after automatic activation) installs nothing twice; it only updates the options
@@ -29,13 +29,17 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
 
     Args:
         keep_explicit_sdpa: keep a caller's explicit ``attn_implementation="sdpa"`` (``PANOVLM_FLASHPATCH_KEEP_SDPA``).
-        padding_free: True: padded training forwards of verified causal LMs run packed; ``"loss_only"``: the
-            same, and outputs with a loss carry no logits (``PANOVLM_FLASHPATCH_PADDING_FREE``).
+        padding_free: ``"auto"`` (the default): padded training forwards of verified causal LMs that run
+            FlashAttention-2 run packed; True: on SDPA/eager too; ``"loss_only"``: True, and outputs with a loss
+            carry no logits; False: never (``PANOVLM_FLASHPATCH_PADDING_FREE``).
         encoders_fa2: vision/text/audio encoders may take FlashAttention-2 (``PANOVLM_FLASHPATCH_ENCODERS_FA2``).
         generate_fa2: ``generate()`` stays on FlashAttention-2 (``PANOVLM_FLASHPATCH_GENERATE_FA2``).
         fast_generate: ``generate()`` decodes on a static KV cache whose decode step transformers compiles: several
             times faster per token after a one-off compilation of tens of seconds (``PANOVLM_FLASHPATCH_FAST_GENERATE``;
             README "Fast generation").
+        sdpa_flash_first: SDPA training forwards of a new shape try torch's flash kernel before cuDNN, whose
+            per-shape plan builds cost plain transformers up to 2x on Hopper (``PANOVLM_FLASHPATCH_SDPA_FLASH_FIRST``;
+            on by default).
 
     Returns:
         True when the patch is in place; False when the plugin stands aside (an unsupported transformers).
@@ -43,7 +47,7 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
     from .patch import apply as _apply
 
     return _apply(keep_explicit_sdpa=keep_explicit_sdpa, padding_free=padding_free, encoders_fa2=encoders_fa2,
-                  generate_fa2=generate_fa2, fast_generate=fast_generate)
+                  generate_fa2=generate_fa2, fast_generate=fast_generate, sdpa_flash_first=sdpa_flash_first)
 
 
 def remove() -> bool:

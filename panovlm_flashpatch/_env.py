@@ -16,11 +16,14 @@ GENERATE_FA2 = "PANOVLM_FLASHPATCH_GENERATE_FA2"
 ENCODERS_FA2 = "PANOVLM_FLASHPATCH_ENCODERS_FA2"
 PADDING_FREE = "PANOVLM_FLASHPATCH_PADDING_FREE"
 FAST_GENERATE = "PANOVLM_FLASHPATCH_FAST_GENERATE"
+SDPA_FLASH_FIRST = "PANOVLM_FLASHPATCH_SDPA_FLASH_FIRST"
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 #: PADDING_FREE's third value: pack, and leave ``logits`` out of a training output that has a loss.
 LOSS_ONLY = "loss_only"
+#: PADDING_FREE's default: pack the training forwards that run FlashAttention-2 (where packing measured faster).
+AUTO_VALUE = "auto"
 
 # name -> (default, reading of a value we do not understand, what each reading means). The unknown
 # readings: a garbled DISABLE_FLASH_ATTN disables the plugin (the user was reaching for the off switch),
@@ -35,18 +38,22 @@ VARIABLES = {
     AUTO: (True, False, {True: "automatic activation is on", False: "automatic activation is off"}),
     GENERATE_FA2: (False, False, {True: "generate() stays on FlashAttention-2", False: "generate() runs on SDPA"}),
     ENCODERS_FA2: (False, False, {True: "encoders may take FlashAttention-2", False: "encoders keep SDPA"}),
-    PADDING_FREE: (False, False, {True: "padding-free packing is on",
-                                  LOSS_ONLY: "padding-free packing is on, and outputs with a loss carry no logits",
-                                  False: "padding-free packing is off"}),
+    PADDING_FREE: (AUTO_VALUE, False, {
+        True: "padding-free packing is on (FlashAttention-2, and SDPA/eager on transformers >= 4.53)",
+        LOSS_ONLY: "padding-free packing is on, and outputs with a loss carry no logits",
+        AUTO_VALUE: "padded training forwards that run FlashAttention-2 are packed (verified model types)",
+        False: "padding-free packing is off"}),
     FAST_GENERATE: (False, False, {True: "generate() decodes on a static cache with a compiled step",
                                    False: "generate() uses transformers' default cache"}),
+    SDPA_FLASH_FIRST: (True, False, {True: "SDPA training forwards of a new shape try the flash kernel before cuDNN",
+                                     False: "SDPA keeps torch's own kernel order"}),
 }
 NAMES = tuple(VARIABLES)
 
 
 def _accepted(name: str) -> str:
     words = "1/true/yes/on or 0/false/no/off"
-    return f"{LOSS_ONLY}, {words}" if name == PADDING_FREE else words
+    return f"{AUTO_VALUE}, {LOSS_ONLY}, {words}" if name == PADDING_FREE else words
 
 
 def read(name: str, environ=None):
@@ -63,6 +70,8 @@ def read(name: str, environ=None):
         return False, None
     if name == PADDING_FREE and value.replace("-", "_") == LOSS_ONLY:
         return LOSS_ONLY, None
+    if name == PADDING_FREE and value == AUTO_VALUE:
+        return AUTO_VALUE, None
     problem = (f"{name}={raw!r} is not understood: accepted values are {_accepted(name)} "
                f"(unset or empty: {meaning[default]}). Until it is fixed, {meaning[on_unknown]}.")
     return on_unknown, problem

@@ -78,6 +78,8 @@ def collect(model_path: str | None = None, attn_implementation: str | None = Non
     info["flash_attention_2.usable"] = not blockers
     info["flash_attention_2.reasons"] = list(blockers)
     current = settings_module.current()
+    for name, why in _backends(caps, current).items():
+        info[f"backend.{name.replace(' (flash kernel first)', '_flash_first')}"] = why
     info["fast_generate.enabled"] = current.fast_generate
     info["fast_generate.support"] = _fast_generate_support(facts)
     pth = _activation_file()
@@ -91,6 +93,24 @@ def collect(model_path: str | None = None, attn_implementation: str | None = Non
     if model_path is not None:
         info.update(dry_run(model_path, attn_implementation, dtype, trust_remote_code, caps, current, facts))
     return info
+
+
+def _backends(caps, current) -> dict[str, str]:
+    """Every backend of the table (backends.py): usable here, or why not."""
+    from . import backends
+    from .runtime import sdpa_order
+
+    blockers = caps.fa2_blockers()
+    flash_first, why_not = sdpa_order.status(caps, current)
+    state = {
+        backends.FA4: caps.fa4_error or f"flash-attn-4 {caps.fa4_version}: usable, chosen only when asked for",
+        backends.FA3: caps.fa3_error or f"flash-attn-3 {caps.fa3_version}: usable, chosen only when asked for",
+        backends.FA2: "not usable: " + "; ".join(blockers) if blockers else f"usable: {caps.summary()}",
+        backends.SDPA_FLASH_FIRST: why_not if flash_first else f"off: {why_not}",
+        backends.SDPA: "usable (torch's own kernel order)",
+        backends.EAGER: "usable",
+    }
+    return {name: f"{state[name]} (needs {rung.needs()})" for name, rung in backends.RUNGS.items()}
 
 
 def _fast_generate_support(facts) -> str:

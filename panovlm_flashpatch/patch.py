@@ -64,8 +64,8 @@ def apply(**options) -> bool:
     """Wraps ``PreTrainedModel.from_pretrained`` (once; thread-safe) and keeps the options given.
 
     Options (each None by default, which keeps its current value; unset, the environment decides):
-    ``keep_explicit_sdpa``, ``encoders_fa2``, ``generate_fa2``, ``fast_generate`` (booleans) and ``padding_free``
-    (True, False or ``"loss_only"``). They apply to every load from then on; ``remove()`` forgets them.
+    ``keep_explicit_sdpa``, ``encoders_fa2``, ``generate_fa2``, ``fast_generate``, ``sdpa_flash_first`` (booleans)
+    and ``padding_free`` (``"auto"``, True, False or ``"loss_only"``). They apply to every load from then on; ``remove()`` forgets them.
 
     Returns:
         True when the patch is in place, False when the plugin stands aside (an unsupported
@@ -200,7 +200,7 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float, c
         _safety.absorb("observing a load", exc, "its report says 'unknown'")
         seen = {}
     load = runtime.Load(checkpoint=plan.checkpoint, keys=keys, decision=decision, observed=seen, settings=current,
-                        load_dtype=plan.request.load_dtype)
+                        load_dtype=plan.request.load_dtype, caps=plan.caps)
     with _State.lock:
         # remove() while this load was in flight: the model is returned as transformers made it.
         effects = runtime.attach(model, load) if epoch == state.EPOCH[0] and _State.installed else {}
@@ -241,8 +241,10 @@ def _publish(plan: Plan, decision, attempts, seconds, result, planning: float, c
             rejected=dict(choice.rejected),
             attempts=tuple(a.to_dict() for a in attempts),
             phases=fields.get("phases", {}),
+            by_phase=fields.get("by_phase", {}),
             padding_free=fields.get("padding_free"),
             fast_generate=fields.get("fast_generate"),
+            fused_kernels=fields.get("fused_kernels"),
             seconds=round(seconds, 4),
             overhead_ms=overhead_ms,
         ))

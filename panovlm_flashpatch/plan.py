@@ -34,6 +34,7 @@ class Plan:
     decision: Decision
     caller_attn: object
     request: Request
+    caps: object = None  # probe.Capabilities the decision read
 
 
 def checkpoint_of(args, kwargs) -> str:
@@ -210,4 +211,5 @@ def plan_call(cls, args, kwargs, settings: Settings, facts: TransformersFacts) -
         decision=decision,
         caller_attn=caller_attn,
         request=request,
+        caps=caps,
     )

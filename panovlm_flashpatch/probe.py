@@ -40,6 +40,10 @@ class Capabilities:
         flash_attn_error: why flash-attn cannot be used (absent, extension fails to import), or None.
         kernels_version: the ``kernels`` package, whose presence lets transformers swap a missing
             flash-attn for a downloaded hub kernel; reported, never used.
+        fa3_version, fa4_version: FlashAttention-3 (``flash-attn-3``, module ``flash_attn_interface``) and
+            FlashAttention-4 (``flash-attn-4``, module ``flash_attn.cute``), when installed; detected and
+            reported (backends.py says why neither is chosen automatically yet).
+        fa3_error, fa4_error: why each cannot be used, or None.
     """
 
     torch_version: str = ""
@@ -48,6 +52,15 @@ class Capabilities:
     flash_attn_version: str | None = None
     flash_attn_error: str | None = "flash-attn is not installed"
     kernels_version: str | None = None
+    fa3_version: str | None = None
+    fa3_error: str | None = "flash-attn-3 is not installed (module flash_attn_interface)"
+    fa4_version: str | None = None
+    fa4_error: str | None = "flash-attn-4 is not installed (module flash_attn.cute)"
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        """The lowest compute capability among the devices (None: no GPU)."""
+        return min((d.compute_capability for d in self.devices), default=None)
 
     def fa2_blockers(self) -> tuple[str, ...]:
         """Every environment reason FlashAttention-2 cannot run, worded "needs X, found Y"."""
@@ -109,6 +122,35 @@ def _flash_attn_status() -> tuple[str | None, str | None]:
     return version, None
 
 
+def _distribution(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _rung_status(dists: tuple[str, ...], module: str, label: str) -> tuple[str | None, str | None]:
+    """(version, error) of an optional FlashAttention generation: installed, and its module imports."""
+    version = _distribution(*dists)
+    if version is None:
+        return None, f"{label} is not installed (module {module})"
+    try:
+        import torch  # noqa: F401
+
+        importlib.import_module(module)
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        from .reporting import sentence
+
+        first_line = sentence((str(exc).strip().splitlines() or [""])[0], 200)
+        return version, f"{label} {version} is installed but {module} fails to import: {type(exc).__name__}: {first_line}"
+    return version, None
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels_version() -> str | None:
     try:
@@ -150,6 +192,8 @@ def probe(devices: tuple[int, ...] | None = None) -> Capabilities:
         cuda = bool(torch.cuda.is_available())
         infos = tuple(_device_info(i) for i in _resolve_devices(devices)) if cuda else ()
         version, error = _flash_attn_status()
+        fa3 = _rung_status(("flash-attn-3", "flash_attn_3"), "flash_attn_interface", "flash-attn-3")
+        fa4 = _rung_status(("flash-attn-4", "flash_attn_4"), "flash_attn.cute", "flash-attn-4")
         return Capabilities(
             torch_version=str(torch.__version__),
             cuda_available=cuda,
@@ -157,6 +201,10 @@ def probe(devices: tuple[int, ...] | None = None) -> Capabilities:
             flash_attn_version=version,
             flash_attn_error=error,
             kernels_version=_kernels_version(),
+            fa3_version=fa3[0],
+            fa3_error=fa3[1],
+            fa4_version=fa4[0],
+            fa4_error=fa4[1],
         )
 
 
@@ -164,4 +212,5 @@ def cache_clear() -> None:
     """Forgets every cached result (tests, or after installing flash-attn in a running process)."""
     _flash_attn_status.cache_clear()
     _kernels_version.cache_clear()
+    _rung_status.cache_clear()
     _device_info.cache_clear()

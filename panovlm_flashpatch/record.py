@@ -48,9 +48,13 @@ class ComponentRecord:
         attempts: each ``from_pretrained`` attempt: ``{attn_implementation, dtype, error}``.
         phases: situation -> backend, where a forward runs another backend than ``backend``
             (``{"generate()": "sdpa", "float32 outside autocast": "sdpa", ...}``).
+        by_phase: phase -> ``{"backend", "why", "rejected": {backend: reason}}`` (backends.py): what padded and
+            unpadded training forwards, decoding, encoder forwards and float32 forwards outside autocast run.
         padding_free: the padding-free status, when the switch is on (else None).
         fast_generate: the fast-generate status of a language model, when the switch is on or was used (else None):
             calls on the static cache, compilations, cache lengths, calls left to the default cache and why.
+        fused_kernels: fused kernels someone else put in the model (liger-kernel's RMSNorm, SwiGLU, its fused
+            linear cross-entropy forward), read again by ``report(model)``; None when there are none.
         seconds: time the load took; overhead_ms: the plugin's own part of it.
     """
 
@@ -71,8 +75,10 @@ class ComponentRecord:
     rejected: Mapping[str, str]
     attempts: tuple
     phases: Mapping[str, str]
+    by_phase: Mapping[str, Mapping[str, object]]
     padding_free: str | None
     fast_generate: str | None
+    fused_kernels: str | None
     seconds: float
     overhead_ms: float
 
@@ -133,7 +139,12 @@ def _read_again(model, records: list[dict]) -> None:
     seen = observe(model, keys)
     switched = _switched(model)
     fast = _fast_generate_status(model)
+    from .runtime import fused
+
+    found = fused.describe(model)
     for rec in records:
+        if rec["role"] == "language model" or len(records) == 1:
+            rec["fused_kernels"] = found
         if fast is not None and (rec["role"] == "language model" or len(records) == 1):
             rec["fast_generate"] = fast
         now = seen.get(rec["component"])

@@ -89,7 +89,11 @@ def forget_once() -> None:
 
 def component_line(rec: dict) -> str:
     """``language model  Qwen3ForCausalLM  [/ckpt]  → flash_attention_2, bfloat16  (why)``."""
-    return f"{rec['role']}  {rec['class']}  [{rec['checkpoint']}]  → {rec['backend']}, {rec['dtype']}  ({rec['reason']})"
+    line = f"{rec['role']}  {rec['class']}  [{rec['checkpoint']}]  → {rec['backend']}, {rec['dtype']}  ({rec['reason']})"
+    phases = rec.get("by_phase") or {}
+    if phases:
+        line += "  per phase: " + "; ".join(f"{p} → {c['backend']}" for p, c in phases.items())
+    return line
 
 
 def sentence(text: str, limit: int = 300) -> str:

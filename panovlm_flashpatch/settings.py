@@ -26,9 +26,11 @@ GENERATE_FA2 = _env.GENERATE_FA2
 ENCODERS_FA2 = _env.ENCODERS_FA2
 PADDING_FREE = _env.PADDING_FREE
 FAST_GENERATE = _env.FAST_GENERATE
+SDPA_FLASH_FIRST = _env.SDPA_FLASH_FIRST
 LOSS_ONLY = _env.LOSS_ONLY
+AUTO_VALUE = _env.AUTO_VALUE
 
-#: Setting -> its environment variable. The last five can also be given to ``apply()``.
+#: Setting -> its environment variable. All but the first two can also be given to ``apply()``.
 VARIABLE_OF = {
     "disabled": DISABLE_FLASH_ATTN,
     "auto": AUTO,
@@ -37,9 +39,10 @@ VARIABLE_OF = {
     "generate_fa2": GENERATE_FA2,
     "padding_free": PADDING_FREE,
     "fast_generate": FAST_GENERATE,
+    "sdpa_flash_first": SDPA_FLASH_FIRST,
 }
-OPTIONS = ("keep_explicit_sdpa", "encoders_fa2", "generate_fa2", "padding_free", "fast_generate")
-_ACCEPTED = {"padding_free": (True, False, LOSS_ONLY)}
+OPTIONS = ("keep_explicit_sdpa", "encoders_fa2", "generate_fa2", "padding_free", "fast_generate", "sdpa_flash_first")
+_ACCEPTED = {"padding_free": (True, False, LOSS_ONLY, AUTO_VALUE)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +55,11 @@ class Settings:
         keep_explicit_sdpa: a caller's explicit ``attn_implementation="sdpa"`` is kept.
         encoders_fa2: vision/text/audio encoders may get FlashAttention-2 (by default they keep SDPA).
         generate_fa2: ``generate()`` stays on FlashAttention-2 (by default it runs on SDPA).
-        padding_free: True, False or ``"loss_only"``: padded training forwards of causal LMs run packed.
+        padding_free: ``"auto"`` (the default: forwards that run FlashAttention-2 are packed), True (SDPA/eager
+            too), ``"loss_only"`` (True, and outputs with a loss carry no logits) or False: padded training forwards
+            of verified causal LMs run packed.
         fast_generate: ``generate()`` decodes on a static cache with transformers' compiled decode step.
+        sdpa_flash_first: SDPA training forwards of a new shape try torch's flash kernel before cuDNN.
         problems: one message per variable whose value was not understood.
         sources: setting -> where its value came from (``"apply(padding_free=True)"``,
             ``"PANOVLM_FLASHPATCH_KEEP_SDPA=1"``, or ``"default"``).
@@ -64,8 +70,9 @@ class Settings:
     keep_explicit_sdpa: bool = False
     encoders_fa2: bool = False
     generate_fa2: bool = False
-    padding_free: bool | str = False
+    padding_free: bool | str = AUTO_VALUE
     fast_generate: bool = False
+    sdpa_flash_first: bool = True
     problems: tuple[str, ...] = ()
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 

@@ -8,6 +8,7 @@ Builders adapt to the installed transformers (Qwen3 from 4.51, else Qwen2; SigLI
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import sys
@@ -53,16 +54,90 @@ def build_lm(path: str, **overrides) -> str:
     return _save(transformers.AutoModelForCausalLM.from_config(lm_config(**overrides)), path)
 
 
-def build_causal_lm(path: str, family: str) -> str:
-    """A tiny causal LM of another family: "qwen2", "llama", "mistral" or "gpt2" (for padding-free)."""
-    torch.manual_seed(0)
+#: Families build_causal_lm knows -> the transformers config class (by name: a class the installed
+#: transformers lacks, e.g. Gemma3TextConfig before 4.50, only matters when that family is built).
+_FAMILY_CONFIGS = {
+    "gpt2": "GPT2Config", "qwen2": "Qwen2Config", "llama": "LlamaConfig", "mistral": "MistralConfig",
+    "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
+    "qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig",
+}
+#: Families that are not causal LMs by transformers' mapping: saved as their image-text model.
+_FAMILY_MODELS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+#: Sliding window of the tiny Gemma2/Gemma3: shorter than the test rows, so the window really applies.
+SLIDING_WINDOW = 4
+
+
+def has_family(family: str) -> bool:
+    """The installed transformers has ``family``'s config and model class (build_causal_lm can build it)."""
+    if family not in _FAMILY_CONFIGS:
+        return False
+    return hasattr(transformers, _FAMILY_CONFIGS[family]) and hasattr(transformers, family_class_name(family))
+
+
+def family_class_name(family: str) -> str:
+    """The class a checkpoint of ``family`` loads as (AutoModelForCausalLM's, except for the VL families)."""
+    if family in _FAMILY_MODELS:
+        return _FAMILY_MODELS[family]
+    return {"gpt2": "GPT2LMHeadModel", "gemma3_text": "Gemma3ForCausalLM"}.get(
+        family, _FAMILY_CONFIGS[family].replace("Config", "ForCausalLM"))
+
+
+def family_config(family: str, **overrides):
+    """The tiny config of ``family``: hidden 64, 4 heads / 2 kv heads of 16, vocab 128, tied embeddings.
+
+    Gemma2/Gemma3 get 4 layers, sliding (window SLIDING_WINDOW) and global alternating; Gemma2 soft-caps
+    attention and final logits at values its tiny logits reach (so the caps bend them). Phi3 rotates half of
+    each head (partial_rotary_factor 0.5). The VL families get a 1-block vision tower and multimodal RoPE."""
+    if not has_family(family):
+        raise ValueError(f"transformers {transformers.__version__} has no {family!r} ({_FAMILY_CONFIGS.get(family)})")
+    cls = getattr(transformers, _FAMILY_CONFIGS[family])
     if family == "gpt2":
-        config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        return cls(**{**dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256), **overrides})
+    kwargs = dict(_LM)
+    if family in ("gemma", "gemma2", "gemma3_text", "phi3"):
+        kwargs.update(head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gemma2":
+        # Layer i slides when i is even (every version's default); query_pre_attn_scalar = head_dim.
+        kwargs.update(num_hidden_layers=4, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=16,
+                      attn_logit_softcapping=0.05, final_logit_softcapping=0.5)
+    elif family == "gemma3_text":
+        # The default pattern (5 sliding : 1 global) would make all 4 layers sliding.
+        kwargs.update(num_hidden_layers=4, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=16,
+                      layer_types=["sliding_attention", "full_attention"] * 2)
+    elif family == "phi3":
+        kwargs.pop("head_dim")  # Phi3 derives it (64 / 4)
+        kwargs.update(partial_rotary_factor=0.5)
+    elif family in _FAMILY_MODELS:
+        return _vl_config(family, cls, kwargs, overrides)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def _vl_config(family, cls, text, overrides):
+    """Qwen2-VL / Qwen2.5-VL: text part like the others, multimodal RoPE sections 2+3+3 (of head_dim / 2)."""
+    text = {**text, "bos_token_id": None, "eos_token_id": None,
+            "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": [2, 3, 3]}, **overrides}
+    if family == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=4)
     else:
-        cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig,
-               "mistral": transformers.MistralConfig}[family]
-        config = cls(**_LM)
-    return _save(transformers.AutoModelForCausalLM.from_config(config), path)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=4, patch_size=4,
+                      window_size=16, fullatt_block_indexes=[0])
+    tokens = dict(image_token_id=125, video_token_id=126, vision_start_token_id=123, vision_end_token_id=124)
+    if "text_config" in inspect.signature(cls.__init__).parameters:  # 4.52+: a text sub-config
+        return cls(text_config=text, vision_config=vision, **tokens)
+    return cls(vision_config=vision, **text, **tokens)  # older: one flat config
+
+
+def build_causal_lm(path: str, family: str, **overrides) -> str:
+    """A tiny causal LM of another family (for padding-free): see family_config. "qwen2_vl"/"qwen2_5_vl" save
+    their image-text model (not in AutoModelForCausalLM's mapping: load it with family_class_name's class)."""
+    torch.manual_seed(0)
+    config = family_config(family, **overrides)
+    if family in _FAMILY_MODELS:
+        model = getattr(transformers, _FAMILY_MODELS[family])(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return _save(model, path)
 
 
 def siglip_vision_config():

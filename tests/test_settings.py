@@ -25,8 +25,8 @@ def test_disable_false_values_mean_unset(value):
 
 def test_unset_defaults():
     s = settings.current({})
-    assert (s.disabled, s.keep_explicit_sdpa, s.auto, s.encoders_fa2, s.generate_fa2, s.padding_free, s.problems) == (
-        False, False, True, False, False, False, ())
+    assert (s.disabled, s.keep_explicit_sdpa, s.auto, s.encoders_fa2, s.generate_fa2, s.padding_free,
+            s.sdpa_flash_first, s.problems) == (False, False, True, False, False, "auto", True, ())
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -10,9 +10,15 @@ and :func:`uninstall` from ``remove()``; adding a feature is one new module and 
 * switch   - dispatch.py + generate.py + forward.py: per forward, FlashAttention-2 or the fallback backend;
 * padding-free - padding_free.py: padded training forwards of causal LMs run packed (opt-in);
 * save     - save.py: ``save_pretrained`` keeps the checkpoint's dtype;
-* fast generate - fast_generate.py + generate.py: ``generate()`` on a static cache, its decode step compiled (opt-in).
+* fast generate - fast_generate.py + generate.py: ``generate()`` on a static cache, its decode step compiled (opt-in);
+* SDPA order - sdpa_order.py: SDPA training forwards of a new shape try torch's flash kernel before cuDNN, and
+  batch-1 training forwards of an FA2 language model run there (measured faster).
 
-(ranks.py compares the finished records across ranks; it runs after the records exist, see patch.py.)
+The per-phase choice these features carry out is stated in one place, backends.py; :func:`attach` asks it for
+each component's ``by_phase`` record field once the features are armed.
+
+(ranks.py compares the finished records across ranks; it runs after the records exist, see patch.py. fused.py
+reports fused kernels others put in the model, liger-kernel's; it arms nothing.)
 """
 
 from __future__ import annotations
@@ -41,12 +47,19 @@ class Load:
     observed: Mapping[str, object]  # component key -> observe.Observed
     settings: object  # settings.Settings of this load
     load_dtype: str | None  # the dtype transformers alone would have loaded
+    caps: object = None  # probe.Capabilities the decision read (None: not probed)
 
 
 def _features():
-    from . import dispatch, fast_generate, padding_free, save
+    from . import dispatch, fast_generate, padding_free, save, sdpa_order
 
-    return (("switch", dispatch), ("padding-free", padding_free), ("save", save), ("fast generate", fast_generate))
+    # sdpa_order after dispatch: it marks the switch's spec of the components it arms.
+    return (("switch", dispatch), ("padding-free", padding_free), ("save", save), ("fast generate", fast_generate),
+            ("SDPA order", sdpa_order))
+
+
+#: State keys whose features act per forward (runtime/forward.py runs them).
+_PER_FORWARD = ("dispatch", "padding_free", "sdpa_order")
 
 
 def attach(model, load: Load) -> dict[str | None, list[Effect]]:
@@ -65,8 +78,21 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
             effects.setdefault(key, []).append(effect)
     for module in model.modules():
         st = state.of(module)
-        if state.live(st) and ("dispatch" in st or "padding_free" in st):
+        if state.live(st) and any(k in st for k in _PER_FORWARD):
             forward.ensure(type(module))
+    try:
+        for key, effect in _phases(model, load, effects).items():
+            effects.setdefault(key, []).append(effect)
+    except Exception as exc:
+        _safety.absorb("stating the per-phase backends", exc, "the record has no by_phase field")
+    try:
+        from . import fused
+
+        found = fused.describe(model)  # after the wrappers: liger's forward inside ours is not "replaced"
+        if found:
+            effects.setdefault(None, []).append(Effect(fields={"fused_kernels": found}))
+    except Exception as exc:
+        _safety.absorb("looking for fused kernels", exc, "the record does not say whether any are present")
     top = state.of(model)
     if state.live(top) and top.get("switches"):
         dispatch.install()
@@ -74,6 +100,70 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
     if state.live(top) and (top.get("switches") or "generate" in top):
         generate.install()
     return effects
+
+
+def _phases(model, load: Load, effects) -> dict[str, Effect]:
+    """Each component's backend per phase, from backends.py's table and what the features armed."""
+    from .. import backends, state
+    from . import padding_free
+
+    caps = load.caps
+    out = {}
+    for choice in load.decision.choices:
+        key = choice.component.key
+        fields = {}
+        for effect in effects.get(key, []) + effects.get(None, []):
+            fields.update(effect.fields)
+        seen = getattr(load.observed.get(key), "backend", None) or choice.backend or "unknown"
+        fallback = choice.fallback if isinstance(choice.fallback, str) else choice.component.default_backend
+        packing, packing_reason = None, ""
+        st = state.of(model) or {}
+        pf = st.get("padding_free") if not key else None
+        if pf and pf.get("armed"):
+            if pf.get("auto"):
+                packing = "fa2"
+            else:
+                packing = "all" if padding_free.backend_reason(model, "sdpa") is None else "fa2"
+            if not pf.get("active") and not pf.get("auto"):
+                packing_reason = pf.get("reason", "")
+        elif isinstance(fields.get("padding_free"), str):
+            packing_reason = fields["padding_free"]
+        elif not load.settings.padding_free:
+            packing_reason = f"padding-free is off ({load.settings.source('padding_free')})"
+        spec = _spec_of(model, key)
+        flash_first = fields.get("sdpa_flash_first", "")
+        facts = backends.Facts(
+            role=choice.component.role,
+            loaded=seen,
+            fa2_blockers=tuple(r for r in [choice.rejected.get(backends.FA2)] if r),
+            fallback=fallback if seen == backends.FA2 else seen,
+            packing=packing,
+            packing_reason=packing_reason,
+            unpadded_row=bool(spec and spec.get("unpadded_row")),
+            flash_first=bool(flash_first) and not flash_first.startswith("off"),
+            flash_first_reason=flash_first or "the plugin did not arm it for this component",
+            generate_fa2=bool(load.settings.generate_fa2),
+            capability=getattr(caps, "capability", None),
+            fa3_error=getattr(caps, "fa3_error", "not probed"),
+            fa4_error=getattr(caps, "fa4_error", "not probed"),
+        )
+        fields_out = {"by_phase": backends.phases_for(facts)}
+        if spec is not None and spec.get("unpadded_row"):
+            from . import dispatch
+
+            fields_out["phases"] = dispatch.describe(spec, load.settings.generate_fa2)  # gained "batch-1 training"
+        out[key] = Effect(fields=fields_out)
+    return out
+
+
+def _spec_of(model, key: str):
+    from .. import state
+
+    for module in model.modules():
+        armed = (state.of(module) or {}).get("dispatch")
+        if armed is not None and armed["spec"]["key"] == key:
+            return armed["spec"]
+    return None
 
 
 def uninstall() -> None:

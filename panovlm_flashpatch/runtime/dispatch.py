@@ -52,12 +52,14 @@ GENERATE = "generate()"
 OFF_GPU = "off the GPU"
 FP32 = "float32 outside autocast"
 WEIGHTS = "output_attentions"
-SITUATIONS = (GENERATE, OFF_GPU, FP32, WEIGHTS)
+UNPADDED_ROW = "batch-1 training"
+SITUATIONS = (GENERATE, OFF_GPU, FP32, WEIGHTS, UNPADDED_ROW)
 WHY = {
     GENERATE: "faster for decoding",
     OFF_GPU: "FlashAttention-2 runs on CUDA GPUs only",
     FP32: "FlashAttention-2 runs float16/bfloat16 only",
     WEIGHTS: "FlashAttention-2 returns no attention weights",
+    UNPADDED_ROW: "SDPA with its flash kernel first measured faster for one unpadded row (runtime/sdpa_order.py)",
 }
 
 
@@ -88,7 +90,7 @@ def before(module, armed: dict, args, kwargs) -> None:
     mask = _argument(module, "attention_mask", args, kwargs)
     if isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() > 2):
         return  # built for the backend in place
-    target = shared["fallback"] if situation(module, armed, kwargs) else shared["loaded"]
+    target = shared["fallback"] if situation(module, armed, kwargs, args) else shared["loaded"]
     if target != now:
         _switch(module, armed, shared, target)
     if target == FA2 and not shared.get("pad_labels_checked") and torch.is_grad_enabled():
@@ -195,7 +197,7 @@ _SLOT = Slot("transformers.modeling_utils", "PreTrainedModel", "set_attn_impleme
 install, uninstall = _SLOT.install, _SLOT.uninstall
 
 
-def situation(module, armed: dict, kwargs) -> str | None:
+def situation(module, armed: dict, kwargs, args=()) -> str | None:
     """Why this forward cannot (or should not) run FlashAttention-2, or None when it runs it."""
     if generating():
         return GENERATE
@@ -208,6 +210,11 @@ def situation(module, armed: dict, kwargs) -> str | None:
             return FP32
     if kwargs.get("output_attentions"):
         return WEIGHTS
+    if armed["spec"].get("unpadded_row") and torch.is_grad_enabled():
+        from . import sdpa_order
+
+        if sdpa_order.one_unpadded_row(args, kwargs):
+            return UNPADDED_ROW
     return None
 
 
@@ -276,7 +283,8 @@ def sibling(cls, backend: str):
 
 def describe(shared: dict, generate_fa2: bool) -> dict[str, str]:
     """Situation -> backend, for the report."""
-    return {s: shared["fallback"] for s in SITUATIONS if not (s == GENERATE and generate_fa2)}
+    return {s: shared["fallback"] for s in SITUATIONS
+            if not (s == GENERATE and generate_fa2) and not (s == UNPADDED_ROW and not shared.get("unpadded_row"))}
 
 
 # --- arming, once per load ------------------------------------------------------------------------------
@@ -288,7 +296,7 @@ def default_backend(model_class) -> str:
 
 
 def note(shared: dict, generate_fa2: bool) -> str:
-    cannot = ", ".join(s for s in SITUATIONS if s != GENERATE)
+    cannot = ", ".join(s for s in SITUATIONS if s not in (GENERATE, UNPADDED_ROW))
     where = f"where FlashAttention-2 cannot run ({cannot})"
     return f"{shared['fallback']} {where}" if generate_fa2 else f"{shared['fallback']} in generate() (faster) and {where}"
 

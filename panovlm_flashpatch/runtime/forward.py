@@ -8,8 +8,9 @@ original through ``__wrapped__`` (Trainer drops the dataset columns a forward do
 lookup. For an armed one it runs, in this order:
 
 1. dispatch (dispatch.py): put the component on the backend this forward needs;
-2. padding-free (padding_free.py): run a padded training forward packed, on that backend;
-3. the original ``forward``.
+2. SDPA order (sdpa_order.py): on SDPA, a training forward of a new shape runs with the flash kernel first;
+3. padding-free (padding_free.py): run a padded training forward packed, on that backend;
+4. the original ``forward``.
 
 Under ``torch.compile`` (``fullgraph=True`` included) every call passes straight through: a compiled
 graph keeps the backend and the padding it was traced with, and nothing here may break the trace
@@ -25,7 +26,7 @@ import types
 import torch
 
 from .. import _safety, state
-from . import dispatch, padding_free
+from . import dispatch, padding_free, sdpa_order
 
 _MARKER = "_panovlm_flashpatch_forward"
 _installed: dict[type, tuple[object, object]] = {}  # class defining forward -> (original entry, our wrapper)
@@ -52,13 +53,26 @@ def _wrapper_for(original):
                 dispatch.before(self, armed, args, kwargs)
             except Exception as exc:  # the component stays on the backend it is on
                 _safety.absorb("per-forward backend switch", exc, f"{type(self).__name__} ran on its current backend")
-        packing = st.get("padding_free")
-        if packing is not None and packing.get("armed"):  # inactive ones too: the backend may change, and says why
-            return padding_free.forward(types.MethodType(original, self), self, args, kwargs, packing)
-        return original(self, *args, **kwargs)
+        scope = None
+        if st.get("sdpa_order"):
+            try:
+                scope = sdpa_order.scope(self, args, kwargs)
+            except Exception as exc:
+                _safety.absorb("SDPA kernel order", exc, f"{type(self).__name__} ran on torch's own SDPA order")
+        if scope is None:
+            return _packed_or_plain(self, st, original, args, kwargs)
+        with scope:
+            return _packed_or_plain(self, st, original, args, kwargs)
 
     setattr(forward, _MARKER, True)
     return forward
+
+
+def _packed_or_plain(module, st, original, args, kwargs):
+    packing = st.get("padding_free")
+    if packing is not None and packing.get("armed"):  # inactive ones too: the backend may change, and says why
+        return padding_free.forward(types.MethodType(original, module), module, args, kwargs, packing)
+    return original(module, *args, **kwargs)
 
 
 def defining_class(cls) -> type:

@@ -51,7 +51,20 @@ IGNORE_INDEX = -100
 #: the CPU; tests/gpu on FlashAttention-2). A model whose attention does not receive ``position_ids``
 #: would let packed sequences attend to each other, silently (GPT-2 is one), so this is a list, not a
 #: guess from the class.
-VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"})
+#: Not packable, and why (the report says it). Qwen2-VL's text model widens 1-row position_ids to its 3 rotary rows
+#: and hands the mask builder positions only when it gets 4 rows, so a packed row's sequences attend to each other
+#: (measured: logits off by 0.5-0.8); its image-text classes are not causal LMs either.
+REFUSED = {
+    "qwen2_vl": "Qwen2-VL's multimodal RoPE takes 3-row position_ids built from the image grid, and its text model does "
+                "not keep packed sequences apart from 1-row positions (packed logits differ by ~0.6)",
+    "qwen2_5_vl": "Qwen2.5-VL's multimodal RoPE takes 3-row position_ids built from the image grid, and its text model "
+                  "does not keep packed sequences apart from 1-row positions (packed logits differ by ~0.5)",
+}
+#: RoPE variants that choose their frequencies per forward from the largest position: a padded row counts positions
+#: up to the batch's width, a packed one up to the longest sequence, so the two can differ (Phi-3 128k's longrope:
+#: logits 6.5e-3, gradients 2e-2; dynamic NTK 2.5e-4).
+_POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
 
 #: Arguments a packed forward reproduces; any other argument with a non-default value takes the
 #: normal path. ``num_items_in_batch`` (Trainer's loss normaliser) passes through unchanged.
@@ -72,14 +85,19 @@ class Status:
     active: bool = False
     #: A packed training output that has a loss carries no logits (``padding_free="loss_only"``).
     loss_only: bool = False
+    #: The default (``padding_free`` unset): only forwards that run FlashAttention-2 are packed.
+    auto: bool = False
 
     def describe(self) -> str:
         mode = "on" if self.active else ("armed, inactive" if self.armed else "off")
+        if self.auto and self.armed:
+            mode += " (default: FlashAttention-2 forwards)"
         extra = "; outputs with a loss carry no logits (loss_only)" if self.armed and self.loss_only else ""
         return f"padding-free {mode}: {self.reason}{extra}"
 
     def to_state(self) -> dict:
-        return {"armed": self.armed, "active": self.active, "loss_only": self.loss_only, "reason": self.reason}
+        return {"armed": self.armed, "active": self.active, "loss_only": self.loss_only, "reason": self.reason,
+                "auto": self.auto}
 
 
 def sdpa_separates_packed() -> bool:
@@ -122,6 +140,12 @@ def status_for(model) -> Status:
     cls = type(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        return Status(False, f"model type {model_type!r} stays padded: {REFUSED[model_type]}")
+    rope = _rope_type(config)
+    if rope in _POSITION_DEPENDENT_ROPE:
+        return Status(False, f"its {rope!r} RoPE picks its frequencies from the longest position of a forward, which "
+                             "packing changes (padded and packed logits differ): stays padded")
     if model_type not in VERIFIED_MODEL_TYPES:
         return Status(False, f"model type {model_type!r} is not verified for packing "
                               f"(verified: {', '.join(sorted(VERIFIED_MODEL_TYPES))})")
@@ -139,6 +163,17 @@ def status_for(model) -> Status:
                   active=True)
 
 
+def _rope_type(config) -> str | None:
+    """The RoPE variant (``rope_scaling`` on 4.x, ``rope_parameters`` on 5.x), None for the default."""
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, name, None)
+        if isinstance(value, dict):
+            kind = value.get("rope_type", value.get("type"))
+            if kind and kind != "default":
+                return kind
+    return None
+
+
 def _is_causal_lm(cls) -> bool:
     """The class, or a transformers class it subclasses (a user's own subclass counts), is a causal LM."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -149,9 +184,13 @@ def _is_causal_lm(cls) -> bool:
     return any(k.__name__ in names and k.__module__.startswith("transformers.") for k in cls.__mro__)
 
 
-def arm(model, loss_only: bool = False) -> Status:
+def arm(model, loss_only: bool = False, auto: bool = False) -> Status:
     """Arms ``model`` for packing: its state says so (runtime/__init__.py then wraps its class's forward)."""
-    status = dataclasses.replace(status_for(model), loss_only=loss_only)
+    status = dataclasses.replace(status_for(model), loss_only=loss_only, auto=auto)
+    if auto and status.armed and getattr(model.config, "_attn_implementation", None) != FA2:
+        status = dataclasses.replace(status, active=False,
+                                     reason="packs FlashAttention-2 forwards only by default, and this model is not on it "
+                                            "(padding_free=True packs on SDPA/eager too)")
     if status.armed:
         state.ensure(model)["padding_free"] = status.to_state()
     return status
@@ -203,19 +242,23 @@ def _skip(model, key: str, message: str) -> None:
 
 def forward(wrapped, instance, args, kwargs, packing: dict):
     """One forward of an armed model (called by runtime/forward.py): packed when it can be, else as called."""
+    def unpacked():
+        return wrapped(*args, **kwargs)
     if not instance.training and not torch.is_grad_enabled():
-        return wrapped(*args, **kwargs)  # evaluation or inference: never packed
+        return unpacked()  # evaluation or inference: never packed
+    if packing.get("auto") and instance.config.__dict__.get("_attn_implementation_internal") != FA2:
+        return unpacked()  # by default only FlashAttention-2 forwards are packed (measured faster there)
     try:
         call = _bind(wrapped, args, kwargs)
     except TypeError:
-        return wrapped(*args, **kwargs)  # let transformers raise its own error
+        return unpacked()  # let transformers raise its own error
     try:
         packed = _prepare(instance, call) if _training_forward(instance, call) else None
     except Exception as exc:  # a bug of ours must never cost the caller a training step
         _safety.absorb("padding-free", exc, f"a forward of {type(instance).__name__} ran padded")
-        return wrapped(*args, **kwargs)
+        return unpacked()
     if packed is None:
-        return wrapped(*args, **kwargs)
+        return unpacked()
     layout, packed_call = packed
     output = wrapped(**packed_call)
     drop_logits = packing.get("loss_only") and getattr(output, "loss", None) is not None
@@ -374,7 +417,7 @@ def _pack(call: dict, info: dict, backend: str):
     if call.get("labels") is not None:
         labels = call["labels"].flatten().index_select(0, flat_index)
         packed["labels"] = labels.masked_fill(positions == 0, IGNORE_INDEX)[None, :]
-    if backend == FA2 and not info["empty_rows"] and _passes_varlen_kwargs():
+    if backend == FA2 and not info["empty_rows"] and passes_varlen_kwargs():
         # Saves FlashAttention-2 re-deriving the boundaries from position_ids in every layer (a
         # nonzero and host syncs per layer); the position_ids stay for the rotary embeddings.
         lengths = F.pad(count.cumsum(0), (1, 0)).to(torch.int32)
@@ -384,7 +427,7 @@ def _pack(call: dict, info: dict, backend: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _passes_varlen_kwargs() -> bool:
+def passes_varlen_kwargs() -> bool:
     """transformers >= 4.53 routes ``cu_seq_lens_*``/``max_length_*`` from the model call to the FA2 kernel."""
     from ..compat import parse_version
     import transformers
@@ -429,7 +472,11 @@ def attach(model, load) -> dict:
     from .. import settings
     from . import Effect
 
-    if not load.settings.padding_free:
+    mode = load.settings.padding_free
+    if not mode:
         return {}
-    status = arm(model, loss_only=load.settings.padding_free == settings.LOSS_ONLY)
+    auto = mode == settings.AUTO_VALUE
+    if auto and not any(c.upgraded for c in load.decision.choices):
+        return {}  # by default only FlashAttention-2 forwards are packed, and none of this load's will be
+    status = arm(model, loss_only=mode == settings.LOSS_ONLY, auto=auto)
     return {None: Effect(note=status.describe(), fields={"padding_free": status.describe()})}

@@ -88,8 +88,34 @@ def test_boundaries_from_position_ids_equal_explicit_cu_seqlens(ckpt, monkeypatc
     model = load(ckpt)
     data = batch("right")
     fast = step(model, data)
-    monkeypatch.setattr(padding_free, "_passes_varlen_kwargs", lambda: False)
+    monkeypatch.setattr(padding_free, "passes_varlen_kwargs", lambda: False)
     slow = step(model, data)
     assert fast[0] == slow[0]
     assert torch.equal(fast[1], slow[1])
+    panovlm_flashpatch.remove()
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen2"])
+def test_packed_fa2_matches_padded_for_each_verified_family(tmp_path, kernel_calls, family):
+    if not tiny.has_family(family):
+        pytest.skip(f"this transformers has no {family}")
+    path = tiny.build_causal_lm(str(tmp_path / family), family)
+    panovlm_flashpatch.remove()
+    reference = load(path, attn_implementation="flash_attention_2")
+    assert panovlm_flashpatch.apply()  # the default: FlashAttention-2 forwards are packed
+    packed = load(path)
+    assert padding_free.is_armed(packed) and packed.config._attn_implementation == "flash_attention_2"
+    lengths = (100, 37, 64, 5)
+    ids = torch.randint(0, 120, (4, 100), device="cuda")
+    mask = tiny.padding_mask(lengths, 100, "right").cuda()
+    data = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    want = step(reference, data)
+    kernel_calls.clear()
+    got = step(packed, data)
+    assert kernel_calls and set(kernel_calls) == {"varlen_fwd"}
+    assert abs(got[0] - want[0]) <= 1e-2 * abs(want[0]), (got[0], want[0])
+    real = mask.bool()
+    assert (got[1][real] - want[1][real]).norm() / want[1][real].norm() < 2e-2
+    for name, ref in want[2].items():
+        assert (got[2][name] - ref).norm() / ref.norm().clamp_min(1e-6) < 5e-2, name
     panovlm_flashpatch.remove()
