@@ -157,3 +157,60 @@ def test_rope_that_reads_the_longest_position_stays_padded(tmp_path, rope, packs
     assert padding_free.is_armed(model) is packs
     if not packs:
         assert "'dynamic' RoPE picks its frequencies" in panovlm_flashpatch.report(model)[0]["padding_free"]
+
+
+# --- LLaVA-style composites: packed at the top level, image tokens in order ------------------------------------
+
+IMAGE = 127  # tiny.build_llava's image token
+PATCHES = 16  # a 32 px SigLIP tower of 8 px patches, strategy "full"
+
+
+def llava_batch(side):
+    torch.manual_seed(3)
+    lengths, width, has_image = (30, 22, 9, 26), 30, (True, True, False, True)
+    ids = torch.randint(0, 120, (4, width))
+    mask = tiny.padding_mask(lengths, width, side)
+    first = mask.argmax(1)
+    for row, has in enumerate(has_image):
+        if has:
+            start = int(first[row]) + 2  # two text tokens, then the image
+            ids[row, start:start + PATCHES] = IMAGE
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
+    labels[torch.arange(4), first] = -100
+    pixels = torch.randn(sum(has_image), 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+
+@pytest.mark.skipif(not padding_free.sdpa_separates_packed(), reason="composites are packed from transformers 4.53")
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_llava_with_a_qwen3_lm_trains_packed_equal_to_padded(tmp_path, attn, side):
+    path = tiny.build_llava(str(tmp_path / "llava"), vision="siglip")
+    panovlm_flashpatch.remove()
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn).train()
+    assert panovlm_flashpatch.apply(padding_free=True)
+    packed = transformers.LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn).train()
+    records = {r["component"]: r for r in panovlm_flashpatch.report(packed)}
+    assert records["text_config"]["padding_free"].startswith("padding-free on")
+    assert records["vision_config"]["padding_free"] is None
+    seen = []
+    packed.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+    batch = llava_batch(side)
+    results = []
+    for model in (reference, packed):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.logits.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert seen == [1], "the language model did not get one packed row"
+    (ref_loss, ref_logits, ref_grads), (loss, logits, grads) = results
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(logits[real], ref_logits[real], atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    assert any("vision" in name for name in grads)
+    for name, ref in ref_grads.items():  # a floor: a gradient that is 0 in truth holds float noise in both runs
+        assert (grads[name] - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1e-5), name

@@ -118,7 +118,8 @@ def _phases(model, load: Load, effects) -> dict[str, Effect]:
         fallback = choice.fallback if isinstance(choice.fallback, str) else choice.component.default_backend
         packing, packing_reason = None, ""
         st = state.of(model) or {}
-        pf = st.get("padding_free") if not key else None
+        packs_here = not key or key == padding_free.COMPOSITES.get(getattr(model.config, "model_type", None))
+        pf = st.get("padding_free") if packs_here else None
         if pf and pf.get("armed"):
             if pf.get("auto"):
                 packing = "fa2"
