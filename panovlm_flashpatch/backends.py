@@ -65,7 +65,7 @@ class Rung:
 
 RUNGS = {
     FA4: Rung(FA4, FA4, "flash-attn-4", (9, 0), True, False),
-    FA3: Rung(FA3, FA3, "flash-attn-3", (8, 0), True, False),
+    FA3: Rung(FA3, FA3, "flash-attn-3", (9, 0), True, False),  # Hopper kernels
     FA2: Rung(FA2, FA2, "flash-attn", (8, 0), True, True),
     SDPA_FLASH_FIRST: Rung(SDPA_FLASH_FIRST, SDPA, None, (8, 0), False, True),
     SDPA: Rung(SDPA, SDPA, None, None, False, True),
@@ -100,6 +100,7 @@ class Facts:
     flash_first: bool = False  # SDPA forwards of new shapes try the flash kernel before cuDNN
     flash_first_reason: str = ""
     generate_fa2: bool = False
+    caller_choice: str | None = None  # the caller's own backend, left alone (the reason, worded)
     capability: tuple[int, int] | None = None
     fa3_error: str | None = "not installed"
     fa4_error: str | None = "not installed"
@@ -122,7 +123,7 @@ def _candidates(phase: str, facts: Facts):
     """(backend as the phase runs it, reason it is not taken or None), in the phase's order of preference."""
     on_fa2 = facts.loaded == FA2
     sdpa_reachable = SDPA in (facts.loaded, facts.fallback)
-    sdpa_why = None if sdpa_reachable else f"the component runs {facts.loaded} (the caller's choice)"
+    sdpa_why = None if sdpa_reachable else f"the component runs {facts.loaded}, not SDPA"
     flash_first_why = sdpa_why or (None if facts.flash_first else (facts.flash_first_reason or "not armed"))
     if phase in (PADDED, UNPADDED):
         yield FA4, _optional_reason(FA4, facts)
@@ -136,7 +137,7 @@ def _candidates(phase: str, facts: Facts):
         else:
             if facts.unpadded_row:
                 # Measured: one unpadded row runs faster on SDPA with the flash kernel first than on flash-attn.
-                yield SDPA_FLASH_FIRST, flash_first_why
+                yield f"{SDPA_FLASH_FIRST} at batch 1 (rows you packed, several rows: {FA2})", flash_first_why
                 yield FA2, "SDPA with its flash kernel first measured faster for one unpadded row (batch 1)"
             else:
                 yield FA2, _fa2_reason(facts)
@@ -152,7 +153,7 @@ def _candidates(phase: str, facts: Facts):
         yield SDPA, sdpa_why
     elif phase == ENCODER:
         yield FA2, _fa2_reason(facts)  # on FA2 only where the caller asked (encoders_fa2)
-        yield SDPA, sdpa_why
+        yield (SDPA_FLASH_FIRST if facts.flash_first else SDPA), sdpa_why
     elif phase == FP32:
         yield FA2, EVIDENCE[FP32] if on_fa2 else _fa2_reason(facts)
         yield SDPA, sdpa_why
@@ -161,6 +162,7 @@ def _candidates(phase: str, facts: Facts):
 
 #: Phases whose measured best is SDPA whatever else can run (FlashAttention-2 there only when the caller asks).
 _PREFERRED = {DECODING: SDPA, ENCODER: SDPA, FP32: SDPA}
+_PREFERRED_ENCODER_FLASH = SDPA_FLASH_FIRST
 
 
 def choose(phase: str, facts: Facts) -> dict:
@@ -170,6 +172,8 @@ def choose(phase: str, facts: Facts) -> dict:
     cannot run here (their reasons are in ``rejected``)."""
     rejected = {}
     preferred = _PREFERRED.get(phase)
+    if phase == ENCODER and facts.flash_first:
+        preferred = _PREFERRED_ENCODER_FLASH
     for name, why in _candidates(phase, facts):
         if preferred is None and name not in (FA3, FA4):
             preferred = name
@@ -177,7 +181,9 @@ def choose(phase: str, facts: Facts) -> dict:
             rejected.setdefault(name, why)
             continue
         note = EVIDENCE[phase]
-        if name != preferred and not (phase in _PREFERRED and facts.loaded == FA2 and name == FA2):
+        if facts.caller_choice and name in (facts.loaded, f"{facts.loaded} + packing"):
+            note = facts.caller_choice
+        elif name != preferred and not (phase in _PREFERRED and facts.loaded == FA2 and name == FA2):
             faster = [n for n in rejected if n not in (FA3, FA4)]
             note = f"the fastest that runs here: {', '.join(faster)} cannot (see rejected)"
         elif phase == DECODING and facts.generate_fa2 and name == FA2:

@@ -95,6 +95,8 @@ def set_overrides(**options) -> None:
         if value is not None and value not in accepted:
             raise ValueError(f"{name}={value!r}: use {', '.join(repr(a) for a in accepted)} or None "
                              f"(None keeps the current setting; unset, {VARIABLE_OF[name]} decides)")
+    # 1 and 0 pass the check above (1 == True): kept as the booleans they mean.
+    options = {k: (bool(v) if type(v) is int else v) for k, v in options.items()}
     with _lock:
         _overrides.update({k: v for k, v in options.items() if v is not None})
 

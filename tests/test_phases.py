@@ -99,7 +99,7 @@ def h200(monkeypatch, emulated):
 def test_a_batch_1_training_forward_runs_sdpa_flash_first_and_gives_the_same_loss(h200, ckpts, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(ckpts["lm"], dtype=torch.bfloat16).train()
     rec = panovlm_flashpatch.report(model)[0]
-    assert rec["by_phase"]["unpadded training"]["backend"] == backends.SDPA_FLASH_FIRST
+    assert rec["by_phase"]["unpadded training"]["backend"].startswith(backends.SDPA_FLASH_FIRST + " at batch 1")
     assert rec["phases"]["batch-1 training"] == "sdpa"
     ids = torch.randint(0, 120, (1, 12))
     h200.CALLS.clear()
@@ -229,7 +229,7 @@ def test_an_encoder_reports_its_encoder_phase(no_flash_attn, ckpts):
     model = transformers.AutoModel.from_pretrained(ckpts["siglip_vision"])
     phases = panovlm_flashpatch.report(model)[0]["by_phase"]
     assert set(phases) == {"encoder", "float32 outside autocast"}
-    assert phases["encoder"]["backend"] == "sdpa"
+    assert phases["encoder"]["backend"] == backends.SDPA_FLASH_FIRST  # no flash-attn; a (fake) sm_90 GPU
     assert "flash-attn is not installed" in phases["encoder"]["rejected"][FA2]
 
 
@@ -278,3 +278,115 @@ def test_fused_kernels_are_reported_and_a_forward_replaced_after_the_load_is_nam
     model.__class__ = subclass
     found = panovlm_flashpatch.report(model)[0]["fused_kernels"]
     assert "forward: lce_forward (replaced the plugin's per-forward wrapper" in found
+
+
+# --- found by the adversarial review (docs/faults.md 105-110) ---------------------------------------------------
+
+
+def test_gradient_checkpointing_keeps_torchs_order_and_batch_1_on_flashattention2(no_flash_attn, ckpts, monkeypatch):
+    # The recompute runs in the backward, outside the forward's window: it must pick the kernel the forward picked.
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"]).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 120, (2, 8))
+    assert _cudnn_seen(model, [lambda: model(input_ids=ids, labels=ids).loss.backward()], monkeypatch) == [{True}]
+
+
+def test_batch_1_with_gradient_checkpointing_stays_on_flashattention2(h200, ckpts):
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"], dtype=torch.bfloat16).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 120, (1, 12))
+    h200.CALLS.clear()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert h200.CALLS.get("flash_attn_func")
+
+
+def test_the_callers_own_cudnn_only_kernel_choice_is_kept(no_flash_attn, ckpts, monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"]).train()
+    ids = torch.randint(0, 120, (2, 8))
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
+        model(input_ids=ids, labels=ids)
+    assert set(seen) == {(True, True)}  # cuDNN as the caller chose it (it was switched off before the fix)
+
+
+@pytest.mark.skipif(TV < (4, 54), reason="set_attn_implementation exists from 4.54")
+def test_a_backend_the_user_sets_turns_the_sdpa_order_off(no_flash_attn, ckpts, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"]).train()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 120, (2, 8))
+    assert _cudnn_seen(model, [lambda: model(input_ids=ids, labels=ids)], monkeypatch) == [{True}]
+
+
+def test_a_positional_batch_1_call_is_routed_like_a_keyword_one(h200, ckpts, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"], dtype=torch.bfloat16).train()
+    ids = torch.randint(0, 120, (1, 12))
+    h200.CALLS.clear()
+    seen = _cudnn_seen(model, [lambda: model(ids, torch.ones_like(ids), labels=ids).loss.backward()], monkeypatch)
+    assert not h200.CALLS and seen == [{False}]  # SDPA, and with the flash kernel first (cuDNN on before the fix)
+
+
+def test_batch_1_stays_on_flashattention2_where_sdpa_would_compute_otherwise(h200, tmp_path):
+    if not tiny.has_family("gemma2"):
+        pytest.skip("no gemma2 here")
+    path = tiny.build_causal_lm(str(tmp_path / "gemma2"), "gemma2")  # attention soft-capping: FA2 applies it
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").train()
+    assert "batch-1 training" not in panovlm_flashpatch.report(model)[0]["phases"]
+    ids = torch.randint(0, 120, (1, 12))
+    h200.CALLS.clear()
+    model(input_ids=ids, labels=ids).loss.backward()  # raised "sdpa attention does not support softcap" on 5.x
+    assert h200.CALLS
+
+
+def test_rope_types_are_read_per_layer_type():
+    import types
+
+    config = types.SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0},
+                                                    "sliding_attention": {"rope_type": "default"}})
+    assert padding_free._rope_type(config) == "dynamic"
+    assert padding_free._rope_type(types.SimpleNamespace(rope_parameters={"rope_type": "linear"})) == "linear"
+    assert padding_free._rope_type(types.SimpleNamespace(rope_parameters={"rope_type": "default"})) is None
+
+
+def test_liger_set_on_the_instance_is_reported(patched, ckpts, tmp_path, monkeypatch):
+    import types
+
+    liger = _liger_like(tmp_path, monkeypatch)
+    model = AutoModelForCausalLM.from_pretrained(ckpts["lm"])
+    model.forward = types.MethodType(liger.lce_forward, model)  # what Trainer(use_liger_kernel=True) does
+    assert "set on the model itself" in panovlm_flashpatch.report(model)[0]["fused_kernels"]
+
+
+def test_apply_keeps_one_and_zero_as_booleans(patched):
+    from panovlm_flashpatch import settings
+
+    panovlm_flashpatch.apply(padding_free=1, sdpa_flash_first=0)
+    assert settings.current().padding_free is True and settings.current().sdpa_flash_first is False
+
+
+def test_a_llava_is_packed_by_default_only_when_its_language_model_will_run_flashattention2(h200, ckpts):
+    from test_padding_free_families import llava_batch
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts["llava_siglip"], dtype=torch.bfloat16).train()
+    seen = []
+    model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+    batch = llava_batch("right")
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    ids = batch["input_ids"][:1, :9]
+    model(input_ids=ids, labels=ids).loss.backward()  # batch 1: the language model switches to SDPA
+    model(**batch).loss.backward()  # then a padded batch: FA2 again, so packed (it read SDPA before the fix)
+    assert seen == [1, 1]
+    model.float()  # float32 outside autocast: the language model will run SDPA, and by default that stays padded
+    batch["pixel_values"] = batch["pixel_values"].float()
+    seen.clear()
+    model(**batch).loss.backward()
+    assert seen == [4]

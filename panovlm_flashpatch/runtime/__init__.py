@@ -97,6 +97,8 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
     if state.live(top) and top.get("switches"):
         dispatch.install()
         portable.install()
+    elif any((state.of(m) or {}).get("sdpa_order") for m in model.modules()):
+        dispatch.install()  # its set_attn_implementation wrapper: a backend the user sets turns the SDPA order off
     if state.live(top) and (top.get("switches") or "generate" in top):
         generate.install()
     return effects
@@ -131,6 +133,9 @@ def _phases(model, load: Load, effects) -> dict[str, Effect]:
             packing_reason = fields["padding_free"]
         elif not load.settings.padding_free:
             packing_reason = f"padding-free is off ({load.settings.source('padding_free')})"
+        elif packs_here and seen == backends.FA2 and not choice.upgraded:
+            packing_reason = ("the caller chose flash_attention_2: by default the plugin packs only loads it decided "
+                              "(padding_free=True packs this one too)")
         spec = _spec_of(model, key)
         flash_first = fields.get("sdpa_flash_first", "")
         facts = backends.Facts(
@@ -144,6 +149,8 @@ def _phases(model, load: Load, effects) -> dict[str, Effect]:
             flash_first=bool(flash_first) and not flash_first.startswith("off"),
             flash_first_reason=flash_first or "the plugin did not arm it for this component",
             generate_fa2=bool(load.settings.generate_fa2),
+            caller_choice=None if choice.requested in (None, "sdpa") and (choice.upgraded or "keeps it" not in choice.reason)
+            else choice.reason,
             capability=getattr(caps, "capability", None),
             fa3_error=getattr(caps, "fa3_error", "not probed"),
             fa4_error=getattr(caps, "fa4_error", "not probed"),

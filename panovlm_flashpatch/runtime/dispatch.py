@@ -187,6 +187,10 @@ def _user_chooses(wrapped, instance, args, kwargs):
         try:
             for _, armed in _armed_modules(instance):
                 armed["spec"]["user"] = True
+            for module in instance.modules():  # the SDPA kernel order is part of the backend they chose
+                st = state.of(module)
+                if st and st.get("sdpa_order"):
+                    st["sdpa_order"] = False
         except Exception as exc:
             _safety.absorb("set_attn_implementation", exc, "the per-forward switch may override that choice")
     return result
@@ -213,7 +217,7 @@ def situation(module, armed: dict, kwargs, args=()) -> str | None:
     if armed["spec"].get("unpadded_row") and torch.is_grad_enabled():
         from . import sdpa_order
 
-        if sdpa_order.one_unpadded_row(args, kwargs):
+        if sdpa_order.one_unpadded_row(args, kwargs) and not sdpa_order.checkpointed(module):
             return UNPADDED_ROW
     return None
 

@@ -33,6 +33,12 @@ def describe(model) -> str | None:
             found[type(module).__name__] += 1
             origin = origin or where
     parts = [", ".join(f"{name} x{count}" for name, count in found.most_common())] if found else []
+    own = model.__dict__.get("forward")  # Trainer(use_liger_kernel=True): liger sets model.forward on the instance
+    own_inner = getattr(own, "__func__", own)
+    if own is not None and _origin(own_inner):
+        origin = origin or _origin(own_inner)
+        parts.append(f"forward: {getattr(own_inner, '__name__', 'fused')} set on the model itself (padding-free and the "
+                     "per-forward switch of the model's own forward do not run)")
     try:
         entry = vars(defining_class(type(model)))["forward"]
     except (TypeError, KeyError):

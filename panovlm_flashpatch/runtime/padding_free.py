@@ -197,8 +197,16 @@ def _rope_type(config) -> str | None:
     """The RoPE variant (``rope_scaling`` on 4.x, ``rope_parameters`` on 5.x), None for the default."""
     for name in ("rope_parameters", "rope_scaling"):
         value = getattr(config, name, None)
-        if isinstance(value, dict):
-            kind = value.get("rope_type", value.get("type"))
+        if not isinstance(value, dict):
+            continue
+        # 5.x keeps one entry per layer type for models with several ({"full_attention": {...}, ...}).
+        entries = [v for v in value.values() if isinstance(v, dict)] if all(
+            isinstance(v, dict) for v in value.values()) and value else [value]
+        kinds = [e.get("rope_type", e.get("type")) for e in entries]
+        for kind in kinds:
+            if kind in _POSITION_DEPENDENT_ROPE:
+                return kind
+        for kind in kinds:
             if kind and kind != "default":
                 return kind
     return None
@@ -281,7 +289,7 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
         return wrapped(*args, **kwargs)
     if not instance.training and not torch.is_grad_enabled():
         return unpacked()  # evaluation or inference: never packed
-    if packing.get("auto") and lm_config(instance).__dict__.get("_attn_implementation_internal") != FA2:
+    if packing.get("auto") and not _runs_fa2(instance):
         return unpacked()  # by default only FlashAttention-2 forwards are packed (measured faster there)
     try:
         call = _bind(wrapped, args, kwargs)
@@ -298,6 +306,23 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
     output = wrapped(**packed_call)
     drop_logits = packing.get("loss_only") and getattr(output, "loss", None) is not None
     return _unpack_output(output, layout, _wants_dict(instance, call), drop_logits)
+
+
+def _runs_fa2(model) -> bool:
+    """This forward's language model will run FlashAttention-2. A causal LM's own switch has run already
+    (runtime/forward.py); a composite's language model switches inside, so its situation is asked here."""
+    config = lm_config(model)
+    if config is model.config:
+        return config.__dict__.get("_attn_implementation_internal") == FA2
+    from . import dispatch
+
+    for module in model.modules():
+        st = state.of(module)
+        armed = st.get("dispatch") if state.live(st) else None
+        if armed is not None and module.config is config:
+            spec = armed["spec"]
+            return spec["loaded"] == FA2 and not spec.get("user") and dispatch.situation(module, armed, {}) is None
+    return False
 
 
 def _training_forward(model, call) -> bool:

@@ -11,7 +11,13 @@ One unpadded row: for a training forward of batch 1 without padding (PanoLLaVA's
 tokens, batch 1), SDPA with its flash kernel first ran 1.2x faster than FlashAttention-2 on the H200 (15.1k against
 12.6k real tokens/s; flash-attn's own kernel is the slower one at that shape: 0.46 against 0.30 ms fwd+bwd at
 1 x 1536), so an FA2 component armed here runs such forwards on its SDPA fallback (runtime/dispatch.py asks
-:func:`one_unpadded_row`). Measured on sm_90 only: other GPUs keep FlashAttention-2 for them.
+:func:`one_unpadded_row`). Measured on sm_90 only: other GPUs keep FlashAttention-2 for them; so do classes without SDPA or with attention
+soft-capping (Gemma 2), and models with gradient checkpointing (below).
+
+Gradient checkpointing: the recompute of a checkpointed layer runs during the backward, outside the forward's
+window, on torch's order: on Hopper cuDNN, where the forward ran the flash kernel, and non-reentrant checkpointing
+refuses a recompute that saves other tensors. So a model with checkpointing on (transformers' own, or a torch
+``CheckpointWrapper``) keeps torch's order for every forward, and its batch-1 forwards stay on FlashAttention-2.
 
 Scope: only the training forwards (gradients recorded) of components the plugin loaded and left on SDPA (no
 flash-attn, an encoder tower, or the SDPA fallback of an FA2 component); models the plugin did not load, and
@@ -74,8 +80,10 @@ def _shape(args, kwargs):
 
 @contextlib.contextmanager
 def _flash_before_cudnn():
-    if not torch.backends.cuda.cudnn_sdp_enabled():
-        yield  # the user turned cuDNN's kernel off: nothing to do, nothing to restore
+    cuda = torch.backends.cuda
+    if not cuda.cudnn_sdp_enabled() or not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled()):
+        # The user turned cuDNN's kernel off, or chose it alone (sdpa_kernel(CUDNN_ATTENTION)): theirs, untouched.
+        yield
         return
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:
@@ -89,23 +97,40 @@ def one_unpadded_row(args, kwargs) -> bool:
     if any(kwargs.get(k) is not None for k in ("position_ids", "past_key_values", "cache_position", "cu_seq_lens_q",
                                                "cache")):
         return False
+    if len(args) > 2 or (len(args) == 2 and "attention_mask" in kwargs):
+        return False  # positions or a cache passed positionally, or a call transformers will reject
     tokens = kwargs.get("input_ids")
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
-    if tokens is None and len(args) == 1:
-        tokens = args[0]
+    if tokens is None and args:
+        tokens = args[0]  # the decoders' forwards take input_ids, then attention_mask, first
     if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[0] != 1 or tokens.shape[1] < 2:
         return False
     # A 2D padding mask is fine as it is: SDPA with a padding mask is plain transformers' own forward, and reading
     # whether the mask holds padding would cost a device sync.
-    mask = kwargs.get("attention_mask")
+    mask = kwargs.get("attention_mask", args[1] if len(args) == 2 else None)
     return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2)
+
+
+def checkpointed(model) -> bool:
+    """Gradient (activation) checkpointing is on somewhere in ``model``: transformers' own, or a torch
+    ``CheckpointWrapper`` (FSDP's ``apply_activation_checkpointing``, accelerate, Lightning).
+
+    Why it matters: the recompute runs during the backward, outside the forward's window, on torch's order; on Hopper
+    it would pick cuDNN where the forward ran the flash kernel, and non-reentrant checkpointing refuses a recompute
+    that saves other tensors than the forward did (``CheckpointError``)."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True or type(module).__name__ == "CheckpointWrapper":
+            return True
+    return False
 
 
 def scope(module, args, kwargs):
     """The context this forward runs in: flash first, or nothing."""
     if not torch.is_grad_enabled() or module.config.__dict__.get("_attn_implementation_internal") != SDPA:
         return contextlib.nullcontext()
+    if checkpointed(module):
+        return contextlib.nullcontext()  # its recompute must pick the kernel its forward picked: torch's order
     shape = _shape(args, kwargs)
     previous = module.__dict__.get(SHAPE_ATTR)
     module.__dict__[SHAPE_ATTR] = shape
@@ -146,8 +171,14 @@ def attach(model, load) -> dict:
         if armed and owner is not None:
             state.ensure(owner)["sdpa_order"] = True
             spec = specs.get(key)
-            measured = load.caps.capability is not None and load.caps.capability[0] == 9
-            if spec is not None and spec["fallback"] == SDPA and choice.component.role == "language model" and measured:
+            measured = load.caps.capability is not None and load.caps.capability[0] == 9 and not torch.version.hip
+            config = getattr(owner, "config", None)
+            # Only where SDPA computes what FA2 does: the class has SDPA, and no attention soft-capping (which
+            # FA2 applies and transformers' SDPA path drops or refuses: Gemma 2).
+            same = (getattr(type(owner), "_supports_sdpa", False)
+                    and not getattr(config, "attn_logit_softcapping", None))
+            if (spec is not None and spec["fallback"] == SDPA and choice.component.role == "language model" and measured
+                    and same):
                 spec["unpadded_row"] = True  # batch-1 training forwards: SDPA, flash first (measured faster, sm_90)
         effects[key] = Effect(fields=fields)
     return effects
