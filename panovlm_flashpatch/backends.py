@@ -162,7 +162,6 @@ def _candidates(phase: str, facts: Facts):
 
 #: Phases whose measured best is SDPA whatever else can run (FlashAttention-2 there only when the caller asks).
 _PREFERRED = {DECODING: SDPA, ENCODER: SDPA, FP32: SDPA}
-_PREFERRED_ENCODER_FLASH = SDPA_FLASH_FIRST
 
 
 def choose(phase: str, facts: Facts) -> dict:
@@ -173,7 +172,7 @@ def choose(phase: str, facts: Facts) -> dict:
     rejected = {}
     preferred = _PREFERRED.get(phase)
     if phase == ENCODER and facts.flash_first:
-        preferred = _PREFERRED_ENCODER_FLASH
+        preferred = SDPA_FLASH_FIRST
     for name, why in _candidates(phase, facts):
         if preferred is None and name not in (FA3, FA4):
             preferred = name

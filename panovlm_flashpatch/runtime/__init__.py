@@ -165,13 +165,9 @@ def _phases(model, load: Load, effects) -> dict[str, Effect]:
 
 
 def _spec_of(model, key: str):
-    from .. import state
+    from . import dispatch
 
-    for module in model.modules():
-        armed = (state.of(module) or {}).get("dispatch")
-        if armed is not None and armed["spec"]["key"] == key:
-            return armed["spec"]
-    return None
+    return next((armed["spec"] for _, armed in dispatch._armed_modules(model) if armed["spec"]["key"] == key), None)
 
 
 def uninstall() -> None:

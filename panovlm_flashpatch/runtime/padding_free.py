@@ -316,10 +316,8 @@ def _runs_fa2(model) -> bool:
         return config.__dict__.get("_attn_implementation_internal") == FA2
     from . import dispatch
 
-    for module in model.modules():
-        st = state.of(module)
-        armed = st.get("dispatch") if state.live(st) else None
-        if armed is not None and module.config is config:
+    for module, armed in dispatch._armed_modules(model):
+        if module.config is config:
             spec = armed["spec"]
             return spec["loaded"] == FA2 and not spec.get("user") and dispatch.situation(module, armed, {}) is None
     return False

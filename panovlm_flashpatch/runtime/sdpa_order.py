@@ -67,14 +67,21 @@ def status(caps, settings) -> tuple[bool, str]:
                   "every new shape; same shape as the previous forward: torch's order)")
 
 
-def _shape(args, kwargs):
+def _tokens(args, kwargs):
+    """The call's token tensor: ``input_ids``, else ``inputs_embeds``, else the first positional argument (the
+    decoders' forwards take ``input_ids`` first)."""
     tokens = kwargs.get("input_ids")
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
-    if tokens is None:
-        tokens = kwargs.get("pixel_values")
     if tokens is None and args:
         tokens = args[0]
+    return tokens
+
+
+def _shape(args, kwargs):
+    tokens = _tokens(args, kwargs)
+    if tokens is None:
+        tokens = kwargs.get("pixel_values")
     return tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) else None
 
 
@@ -99,11 +106,7 @@ def one_unpadded_row(args, kwargs) -> bool:
         return False
     if len(args) > 2 or (len(args) == 2 and "attention_mask" in kwargs):
         return False  # positions or a cache passed positionally, or a call transformers will reject
-    tokens = kwargs.get("input_ids")
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    if tokens is None and args:
-        tokens = args[0]  # the decoders' forwards take input_ids, then attention_mask, first
+    tokens = _tokens(args, kwargs)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[0] != 1 or tokens.shape[1] < 2:
         return False
     # A 2D padding mask is fine as it is: SDPA with a padding mask is plain transformers' own forward, and reading
@@ -129,13 +132,13 @@ def scope(module, args, kwargs):
     """The context this forward runs in: flash first, or nothing."""
     if not torch.is_grad_enabled() or module.config.__dict__.get("_attn_implementation_internal") != SDPA:
         return contextlib.nullcontext()
-    if checkpointed(module):
-        return contextlib.nullcontext()  # its recompute must pick the kernel its forward picked: torch's order
     shape = _shape(args, kwargs)
     previous = module.__dict__.get(SHAPE_ATTR)
     module.__dict__[SHAPE_ATTR] = shape
     if shape is not None and shape == previous:
         return contextlib.nullcontext()  # a repeated shape: cuDNN's cached plan is the faster kernel
+    if checkpointed(module):  # after the cheap check: it walks the modules
+        return contextlib.nullcontext()  # its recompute must pick the kernel its forward picked: torch's order
     return _flash_before_cudnn()
 
 
