@@ -79,7 +79,7 @@ def collect(model_path: str | None = None, attn_implementation: str | None = Non
     info["flash_attention_2.reasons"] = list(blockers)
     current = settings_module.current()
     for name, why in _backends(caps, current).items():
-        info[f"backend.{name.replace(' (flash kernel first)', '_flash_first')}"] = why
+        info[f"backend.{_KEYS.get(name, name)}"] = why
     info["fast_generate.enabled"] = current.fast_generate
     info["fast_generate.support"] = _fast_generate_support(facts)
     pth = _activation_file()
@@ -95,17 +95,26 @@ def collect(model_path: str | None = None, attn_implementation: str | None = Non
     return info
 
 
+#: The doctor's key for the backends whose names are phrases.
+_KEYS = {"sdpa (flash kernel first)": "sdpa_flash_first", "sdpa + packing (torch varlen kernel)": "sdpa_varlen"}
+
+
 def _backends(caps, current) -> dict[str, str]:
     """Every backend of the table (backends.py): usable here, or why not."""
     from . import backends
-    from .runtime import sdpa_order
+    from .runtime import sdpa_order, varlen
 
     blockers = caps.fa2_blockers()
     flash_first, why_not = sdpa_order.status(caps, current)
+    no_varlen = varlen.machine_reason(caps)
+    if not current.padding_free:
+        no_varlen = f"off: padding-free is off ({current.source('padding_free')})"
     state = {
         backends.FA4: caps.fa4_error or f"flash-attn-4 {caps.fa4_version}: usable, chosen only when asked for",
         backends.FA3: caps.fa3_error or f"flash-attn-3 {caps.fa3_version}: usable, chosen only when asked for",
         backends.FA2: "not usable: " + "; ".join(blockers) if blockers else f"usable: {caps.summary()}",
+        backends.SDPA_VARLEN: no_varlen or ("usable: packed training forwards on SDPA run their attention on torch's "
+                                            "varlen kernel (where flash-attn is not used)"),
         backends.SDPA_FLASH_FIRST: why_not if flash_first else f"off: {why_not}",
         backends.SDPA: "usable (torch's own kernel order)",
         backends.EAGER: "usable",

@@ -106,7 +106,7 @@ def observe(model, keys: tuple[str, ...]) -> dict[str, Observed]:
             elif legacy:
                 certain.setdefault(key, set()).add(legacy)
             else:
-                from_config.setdefault(key, set()).add(str(module.config._attn_implementation))
+                from_config.setdefault(key, set()).add(_public(module.config._attn_implementation))
     result = {}
     for key in sorted(wanted):
         owner = owners.get(key, model)
@@ -115,7 +115,12 @@ def observe(model, keys: tuple[str, ...]) -> dict[str, Observed]:
         found = certain.get(key) or from_config.get(key)
         if not found:
             cfg = root if key == "" else getattr(root, key, None)
-            found = {str(getattr(cfg, "_attn_implementation", "unknown"))}
+            found = {_public(getattr(cfg, "_attn_implementation", "unknown"))}
         backend = found.pop() if len(found) == 1 else "mixed(" + ",".join(sorted(found)) + ")"
         result[key] = Observed(model_class=type(owner).__name__, backend=backend, dtype=dtype_of(owner))
     return result
+
+
+def _public(backend) -> str:
+    """runtime/varlen.py's key is SDPA to the caller (packed training forwards run torch's varlen kernel there)."""
+    return "sdpa" if backend == "panovlm_varlen" else str(backend)

@@ -8,7 +8,8 @@ component switches per forward; save.py installs its own). patch.py calls :func:
 and :func:`uninstall` from ``remove()``; adding a feature is one new module and one line in ``_features``.
 
 * switch   - dispatch.py + generate.py + forward.py: per forward, FlashAttention-2 or the fallback backend;
-* padding-free - padding_free.py: padded training forwards of causal LMs run packed (opt-in);
+* padding-free - padding_free.py: padded training forwards of causal LMs run packed (on FlashAttention-2 by default,
+  or without flash-attn on torch's varlen kernel, varlen.py, which padding_free.py switches to per packed forward);
 * save     - save.py: ``save_pretrained`` keeps the checkpoint's dtype;
 * fast generate - fast_generate.py + generate.py: ``generate()`` on a static cache, its decode step compiled (opt-in);
 * SDPA order - sdpa_order.py: SDPA training forwards of a new shape try torch's flash kernel before cuDNN, and
@@ -118,7 +119,7 @@ def _phases(model, load: Load, effects) -> dict[str, Effect]:
             fields.update(effect.fields)
         seen = getattr(load.observed.get(key), "backend", None) or choice.backend or "unknown"
         fallback = choice.fallback if isinstance(choice.fallback, str) else choice.component.default_backend
-        packing, packing_reason = None, ""
+        packing, packing_reason, varlen_reason = None, "", None
         st = state.of(model) or {}
         packs_here = not key or key == padding_free.COMPOSITES.get(getattr(model.config, "model_type", None))
         pf = st.get("padding_free") if packs_here else None
@@ -129,6 +130,7 @@ def _phases(model, load: Load, effects) -> dict[str, Effect]:
                 packing = "all" if padding_free.backend_reason(model, "sdpa") is None else "fa2"
             if not pf.get("active") and not pf.get("auto"):
                 packing_reason = pf.get("reason", "")
+            varlen_reason = pf.get("varlen", "not checked")
         elif isinstance(fields.get("padding_free"), str):
             packing_reason = fields["padding_free"]
         elif not load.settings.padding_free:
@@ -136,6 +138,9 @@ def _phases(model, load: Load, effects) -> dict[str, Effect]:
         elif packs_here and seen == backends.FA2 and not choice.upgraded:
             packing_reason = ("the caller chose flash_attention_2: by default the plugin packs only loads it decided "
                               "(padding_free=True packs this one too)")
+        if packs_here and not (pf and pf.get("armed")):
+            varlen_reason = (packing_reason or padding_free.varlen_reason(model, load)
+                             or "padding-free is not armed for this load")
         spec = _spec_of(model, key)
         flash_first = fields.get("sdpa_flash_first", "")
         facts = backends.Facts(
@@ -148,6 +153,7 @@ def _phases(model, load: Load, effects) -> dict[str, Effect]:
             unpadded_row=bool(spec and spec.get("unpadded_row")),
             flash_first=bool(flash_first) and not flash_first.startswith("off"),
             flash_first_reason=flash_first or "the plugin did not arm it for this component",
+            varlen_reason=varlen_reason if packs_here else "packing happens at the language model",
             generate_fa2=bool(load.settings.generate_fa2),
             caller_choice=None if choice.requested in (None, "sdpa") and (choice.upgraded or "keeps it" not in choice.reason)
             else choice.reason,
@@ -172,8 +178,9 @@ def _spec_of(model, key: str):
 
 def uninstall() -> None:
     """Puts back every class attribute the features wrapped; armed models then run as plain transformers."""
-    from . import dispatch, fast_generate, forward, generate, portable, save
+    from . import dispatch, fast_generate, forward, generate, portable, save, varlen
 
+    varlen.disengage()
     fast_generate.uninstall()
     forward.uninstall()
     generate.uninstall()

@@ -2,7 +2,8 @@
 
 Why: on a padded batch every layer computes the padding too. Users get packing today only by
 rewriting their collator (TRL's ``padding_free``, ``DataCollatorWithFlattening``); this module gives it
-to unmodified training code, behind a switch that is off by default. Measured on an H100 against plain
+to unmodified training code, on by default for the forwards that run a flash kernel (FlashAttention-2, or torch's
+varlen kernel where flash-attn is missing: varlen.py); ``padding_free=False`` turns it off. Measured on an H100 against plain
 transformers (SDPA, padded), benchmarks/results/padding_free: 1.35x real-token throughput and 0.57 of
 the peak memory for a 0.6B LM at batch 8 (where the packed step is bound by kernel launches on the
 CPU), 1.88x and 0.55 at batch 16.
@@ -43,8 +44,10 @@ import sys
 import torch
 
 from .. import _safety, reporting, state
+from . import varlen
 
 FA2 = "flash_attention_2"
+SDPA = "sdpa"
 IGNORE_INDEX = -100
 
 #: Model types whose packed forward is verified equal to the padded one (tests/test_padding_free.py on
@@ -94,19 +97,22 @@ class Status:
     active: bool = False
     #: A packed training output that has a loss carries no logits (``padding_free="loss_only"``).
     loss_only: bool = False
-    #: The default (``padding_free`` unset): only forwards that run FlashAttention-2 are packed.
+    #: The default (``padding_free`` unset): only forwards that run FlashAttention-2, or SDPA forwards that can run
+    #: torch's varlen kernel (varlen.py), are packed.
     auto: bool = False
+    #: Why packed SDPA forwards cannot run torch's varlen kernel here (None: they can, and do).
+    varlen: str | None = "not checked"
 
     def describe(self) -> str:
         mode = "on" if self.active else ("armed, inactive" if self.armed else "off")
         if self.auto and self.armed:
-            mode += " (default: FlashAttention-2 forwards)"
+            mode += " (default: FlashAttention-2 forwards, and SDPA ones on torch's varlen kernel)"
         extra = "; outputs with a loss carry no logits (loss_only)" if self.armed and self.loss_only else ""
         return f"padding-free {mode}: {self.reason}{extra}"
 
     def to_state(self) -> dict:
         return {"armed": self.armed, "active": self.active, "loss_only": self.loss_only, "reason": self.reason,
-                "auto": self.auto}
+                "auto": self.auto, "varlen": self.varlen}
 
 
 def sdpa_separates_packed() -> bool:
@@ -227,13 +233,23 @@ def _is_model_of(cls, mapping: str) -> bool:
     return any(k.__name__ in names and k.__module__.startswith("transformers.") for k in cls.__mro__)
 
 
-def arm(model, loss_only: bool = False, auto: bool = False) -> Status:
-    """Arms ``model`` for packing: its state says so (runtime/__init__.py then wraps its class's forward)."""
+def arm(model, loss_only: bool = False, auto: bool = False, varlen_reason: str | None = "not checked") -> Status:
+    """Arms ``model`` for packing: its state says so (runtime/__init__.py then wraps its class's forward).
+
+    ``varlen_reason``: why packed SDPA forwards cannot run torch's varlen kernel on this machine (None: they can)."""
     status = dataclasses.replace(status_for(model), loss_only=loss_only, auto=auto)
-    if auto and status.armed and getattr(lm_config(model), "_attn_implementation", None) != FA2:
+    backend = getattr(lm_config(model), "_attn_implementation", None)
+    if varlen_reason is None and backend != SDPA:
+        varlen_reason = f"the language model runs {backend}, not SDPA"
+    status = dataclasses.replace(status, varlen=varlen_reason)
+    if status.active and backend == SDPA and varlen_reason is None:
+        status = dataclasses.replace(status, reason="padded training forwards run packed into one row, their attention on "
+                                                    "torch's varlen flash kernel (varlen.py: flash-attn is not needed)")
+    elif auto and status.armed and backend != FA2:
         status = dataclasses.replace(status, active=False,
-                                     reason="packs FlashAttention-2 forwards only by default, and this model is not on it "
-                                            "(padding_free=True packs on SDPA/eager too)")
+                                     reason="by default packs FlashAttention-2 forwards, and SDPA ones where torch's "
+                                            f"varlen kernel can run them, which it cannot here: {varlen_reason} "
+                                            "(padding_free=True packs on SDPA/eager with a block mask)")
     if status.armed:
         state.ensure(model)["padding_free"] = status.to_state()
     return status
@@ -287,25 +303,41 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
     """One forward of an armed model (called by runtime/forward.py): packed when it can be, else as called."""
     def unpacked():
         return wrapped(*args, **kwargs)
+    config = lm_config(instance)
     if not instance.training and not torch.is_grad_enabled():
         return unpacked()  # evaluation or inference: never packed
-    if packing.get("auto") and not _runs_fa2(instance):
-        return unpacked()  # by default only FlashAttention-2 forwards are packed (measured faster there)
+    on_varlen = _runs_varlen(instance, packing)
+    if packing.get("auto") and not on_varlen and not _runs_fa2(instance):
+        return unpacked()  # by default only forwards on a flash kernel are packed (measured faster there)
     try:
         call = _bind(wrapped, args, kwargs)
     except TypeError:
         return unpacked()  # let transformers raise its own error
     try:
-        packed = _prepare(instance, call) if _training_forward(instance, call) else None
+        packed = _prepare(instance, call, on_varlen) if _training_forward(instance, call) else None
     except Exception as exc:  # a bug of ours must never cost the caller a training step
         _safety.absorb("padding-free", exc, f"a forward of {type(instance).__name__} ran padded")
         return unpacked()
     if packed is None:
         return unpacked()
     layout, packed_call = packed
-    output = wrapped(**packed_call)
+    if on_varlen:
+        varlen.engage(config)  # for good: a layer on the key computes what its arguments ask (varlen.py)
+        with varlen.packing():
+            output = wrapped(**packed_call)
+    else:
+        output = wrapped(**packed_call)
     drop_logits = packing.get("loss_only") and getattr(output, "loss", None) is not None
     return _unpack_output(output, layout, _wants_dict(instance, call), drop_logits)
+
+
+def _runs_varlen(model, packing: dict) -> bool:
+    """This forward's language model is on SDPA and its packed attention can run torch's varlen kernel."""
+    if packing.get("varlen", "not checked") is not None:
+        return False
+    if lm_config(model).__dict__.get("_attn_implementation_internal") not in (SDPA, varlen.KEY):
+        return False
+    return varlen.forward_reason(model) is None
 
 
 def _runs_fa2(model) -> bool:
@@ -354,7 +386,7 @@ class Layout:
     total: int
 
 
-def _prepare(model, call: dict):
+def _prepare(model, call: dict, on_varlen: bool = False):
     """Host-side gates, then one device read; returns ``(layout, packed_call)`` or None (normal path)."""
     import torch
 
@@ -363,8 +395,8 @@ def _prepare(model, call: dict):
     tokens = ids if ids is not None else embeds
     if mask is None or tokens is None or (ids is not None and embeds is not None):
         return None  # nothing to unpad (e.g. a batch the caller packed itself), or a call transformers rejects
-    backend = lm_config(model)._attn_implementation
-    why_not = backend_reason(model, backend)
+    backend = varlen.public(lm_config(model)._attn_implementation)
+    why_not = None if on_varlen else backend_reason(model, backend)
     if why_not:
         _skip(model, f"backend:{backend}", why_not)
         return None
@@ -393,11 +425,12 @@ def _prepare(model, call: dict):
     if problem:
         _skip(model, problem[0], problem[1])
         return None
-    layout, packed = _pack(call, inspection, backend)
+    layout, packed = _pack(call, inspection, backend, on_varlen)
+    kernel = "sdpa, attention on torch's varlen kernel" if on_varlen else backend
     reporting.log_once(f"padding-free-first:{type(model).__name__}", reporting.info_level(),
                        f"padding-free: {type(model).__name__} runs padded training batches packed "
                        f"(first: {layout.batch}x{layout.length} -> 1x{layout.total}, "
-                       f"{layout.total / (layout.batch * layout.length):.0%} real tokens, {backend})")
+                       f"{layout.total / (layout.batch * layout.length):.0%} real tokens, {kernel})")
     return layout, packed
 
 
@@ -453,7 +486,7 @@ def _problem(info: dict, has_labels: bool, has_positions: bool) -> tuple[str, st
     return None
 
 
-def _pack(call: dict, info: dict, backend: str):
+def _pack(call: dict, info: dict, backend: str, on_varlen: bool = False):
     import torch
     import torch.nn.functional as F
 
@@ -476,9 +509,12 @@ def _pack(call: dict, info: dict, backend: str):
     if call.get("labels") is not None:
         labels = call["labels"].flatten().index_select(0, flat_index)
         packed["labels"] = labels.masked_fill(positions == 0, IGNORE_INDEX)[None, :]
-    if backend == FA2 and not info["empty_rows"] and passes_varlen_kwargs():
+    if on_varlen or (backend == FA2 and not info["empty_rows"] and passes_varlen_kwargs()):
         # Saves FlashAttention-2 re-deriving the boundaries from position_ids in every layer (a
         # nonzero and host syncs per layer); the position_ids stay for the rotary embeddings.
+        # torch's varlen kernel (varlen.py) gets its boundaries only this way.
+        if info["empty_rows"]:
+            count = count[count > 0]  # an empty row is no sequence of the packed row
         lengths = F.pad(count.cumsum(0), (1, 0)).to(torch.int32)
         packed.update(cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=info["longest"],
                       max_length_k=info["longest"])
@@ -535,8 +571,26 @@ def attach(model, load) -> dict:
     if not mode:
         return {}
     auto = mode == settings.AUTO_VALUE
-    if auto and not any(c.upgraded for c in load.decision.choices):
-        return {}  # by default only FlashAttention-2 forwards are packed, and none of this load's will be
-    status = arm(model, loss_only=mode == settings.LOSS_ONLY, auto=auto)
+    no_varlen = varlen_reason(model, load)
+    if auto and no_varlen is not None and not any(c.upgraded for c in load.decision.choices):
+        return {}  # by default only forwards on a flash kernel are packed, and none of this load's will be
+    if no_varlen is None and not varlen.register():
+        no_varlen = "this transformers has no attention interface to register torch's varlen kernel with"
+    status = arm(model, loss_only=mode == settings.LOSS_ONLY, auto=auto, varlen_reason=no_varlen)
     key = COMPOSITES.get(getattr(model.config, "model_type", None))  # a composite packs for its language model
     return {key: Effect(note=status.describe(), fields={"padding_free": status.describe()})}
+
+
+def varlen_reason(model, load) -> str | None:
+    """Why this load's packed SDPA forwards cannot run torch's varlen kernel (None: they can)."""
+    why = varlen.machine_reason(load.caps) or varlen.model_reason(lm_config(model))
+    if why:
+        return why
+    if not _module_builds_packed_masks(model):  # its own mask code would build one causal mask over the packed row
+        return f"{type(model).__name__} does not build its mask with create_causal_mask"
+    key = COMPOSITES.get(getattr(model.config, "model_type", None))
+    choice = next((c for c in load.decision.choices if (c.component.key or None) == key), None)
+    if choice is not None and choice.requested == SDPA and load.settings.keep_explicit_sdpa:
+        return ("the caller's attn_implementation='sdpa' is kept (keep_explicit_sdpa): torch's varlen kernel is not used "
+                "for it")
+    return None

@@ -22,6 +22,7 @@ import copy
 
 from .. import state
 from .._wrapping import Slot
+from .varlen import KEY as VARLEN
 
 _installed: dict[str, object] = {}
 _MARKER = "_self_panovlm_flashpatch_from_config"
@@ -35,6 +36,8 @@ def _getstate(self):
         backend = None
     if backend is not None:
         copied["_attn_implementation_internal"] = backend
+    if copied.get("_attn_implementation_internal") == VARLEN:  # SDPA, where the plugin is not
+        copied["_attn_implementation_internal"] = "sdpa"
     return copied
 
 

@@ -5,7 +5,10 @@ and cuDNN builds an execution plan for every new shape (up to seconds each). Tra
 batch 1 with varying lengths, makes a new shape nearly every step: on the H200 plain transformers ran batch 8 with
 dynamic padding at 16k real tokens/s against 21.5k with the flash kernel first, and batch 1 (lengths 1200-1600) at
 6.5k against 13k (benchmarks/results/workloads). Once a shape's plan is cached cuDNN is the faster kernel, so a
-forward whose input has the same shape as that module's previous one keeps torch's own order.
+forward whose input has the shape of that module's last ``STEADY - 1`` forwards keeps torch's own order (a fixed
+shape: cuDNN from its 4th forward on). Not from the first repeat: a varying-length run repeats a shape now and then
+(batch 1, lengths 1200-1600: one step in ~400), and that one repeat then paid a plan build (a 2.8 s step on the
+H200, benchmarks/results/workloads call 6, the first cuDNN call of the process) to save ~0.3 ms per layer.
 
 One unpadded row: for a training forward of batch 1 without padding (PanoLLaVA's finetune stage: about 1,400
 tokens, batch 1), SDPA with its flash kernel first ran 1.2x faster than FlashAttention-2 on the H200 (15.1k against
@@ -37,11 +40,14 @@ import contextlib
 import torch
 
 from .. import state
+from .varlen import KEY as VARLEN  # SDPA outside packed forwards
 
 SDPA = "sdpa"
 #: Where the last forward's shape is kept: beside the plugin's state, not in it (TorchDynamo guards on what the
 #: forward wrapper reads of that state; a value changing every step there would recompile every step).
 SHAPE_ATTR = "_panovlm_flashpatch_last_shape"
+#: The forward of a shape that keeps torch's order: the STEADY-th in a row of that shape.
+STEADY = 4
 
 
 def supported() -> str | None:
@@ -64,7 +70,7 @@ def status(caps, settings) -> tuple[bool, str]:
     if capability is not None and capability < (8, 0):
         return False, f"torch's flash kernel needs compute capability >= 8.0, found {capability[0]}.{capability[1]}"
     return True, ("training forwards of a new shape try the flash kernel before cuDNN (cuDNN builds a plan for "
-                  "every new shape; same shape as the previous forward: torch's order)")
+                  "every new shape; the same shape 4 forwards in a row: torch's order)")
 
 
 def _tokens(args, kwargs):
@@ -130,13 +136,14 @@ def checkpointed(model) -> bool:
 
 def scope(module, args, kwargs):
     """The context this forward runs in: flash first, or nothing."""
-    if not torch.is_grad_enabled() or module.config.__dict__.get("_attn_implementation_internal") != SDPA:
+    if not torch.is_grad_enabled() or module.config.__dict__.get("_attn_implementation_internal") not in (SDPA, VARLEN):
         return contextlib.nullcontext()
     shape = _shape(args, kwargs)
-    previous = module.__dict__.get(SHAPE_ATTR)
-    module.__dict__[SHAPE_ATTR] = shape
-    if shape is not None and shape == previous:
-        return contextlib.nullcontext()  # a repeated shape: cuDNN's cached plan is the faster kernel
+    previous, run = module.__dict__.get(SHAPE_ATTR) or (None, 0)
+    run = run + 1 if shape is not None and shape == previous else 1
+    module.__dict__[SHAPE_ATTR] = (shape, run)
+    if run >= STEADY:
+        return contextlib.nullcontext()  # a fixed shape: cuDNN's plan, built once, is the faster kernel
     if checkpointed(module):  # after the cheap check: it walks the modules
         return contextlib.nullcontext()  # its recompute must pick the kernel its forward picked: torch's order
     return _flash_before_cudnn()

@@ -119,3 +119,39 @@ def test_packed_fa2_matches_padded_for_each_verified_family(tmp_path, kernel_cal
     for name, ref in want[2].items():
         assert (got[2][name] - ref).norm() / ref.norm().clamp_min(1e-6) < 5e-2, name
     panovlm_flashpatch.remove()
+
+
+def test_a_llava_with_a_qwen3_lm_trains_packed_on_fa2(tmp_path, kernel_calls):
+    """LLaVA (SigLIP tower, Qwen3 LM), plugin default: the language model on FlashAttention-2, packed at the top
+    level; loss and every gradient (the vision tower's too) against plain transformers padded on SDPA."""
+    from test_padding_free_families import llava_batch
+
+    path = tiny.build_llava(str(tmp_path / "llava"), vision="siglip")
+    kwargs = dict(device_map="cuda", dtype=torch.bfloat16)
+    panovlm_flashpatch.remove()
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa",
+                                                                           **kwargs).train()
+    assert panovlm_flashpatch.apply()
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(path, **kwargs).train()
+    records = {r["component"]: r for r in panovlm_flashpatch.report(model)}
+    assert records["text_config"]["backend"] == "flash_attention_2", records["text_config"]
+    assert records["text_config"]["padding_free"].startswith("padding-free on"), records["text_config"]
+    data = {k: v.cuda() for k, v in llava_batch("right").items()}
+    data["pixel_values"] = data["pixel_values"].to(torch.bfloat16)
+    results = []
+    for m in (reference, model):
+        m.zero_grad(set_to_none=True)
+        out = m(**data, use_cache=False)
+        out.loss.backward()
+        results.append((out.loss.float().item(), {n: p.grad.float() for n, p in m.named_parameters()
+                                                   if p.grad is not None}))
+    panovlm_flashpatch.remove()
+    assert "varlen_fwd" in kernel_calls, kernel_calls
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert abs(loss - ref_loss) <= 1e-2 * abs(ref_loss)
+    assert grads.keys() == ref_grads.keys() and any("vision" in n for n in grads)
+    # A floor: a gradient that is 0 in truth (a key projection's bias: softmax ignores it) holds bf16 noise in both.
+    floor = 1e-3 * max(g.norm().item() for g in ref_grads.values())
+    for name, ref in ref_grads.items():
+        err = (grads[name] - ref).norm().item()
+        assert err <= 5e-2 * max(ref.norm().item(), floor), (name, err, ref.norm().item())
