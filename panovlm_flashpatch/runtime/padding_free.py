@@ -303,7 +303,6 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
     """One forward of an armed model (called by runtime/forward.py): packed when it can be, else as called."""
     def unpacked():
         return wrapped(*args, **kwargs)
-    config = lm_config(instance)
     if not instance.training and not torch.is_grad_enabled():
         return unpacked()  # evaluation or inference: never packed
     on_varlen = _runs_varlen(instance, packing)
@@ -322,7 +321,7 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
         return unpacked()
     layout, packed_call = packed
     if on_varlen:
-        varlen.engage(config)  # for good: a layer on the key computes what its arguments ask (varlen.py)
+        varlen.engage(lm_config(instance))  # for good: a layer on the key computes what its arguments ask (varlen.py)
         with varlen.packing():
             output = wrapped(**packed_call)
     else:
