@@ -15,7 +15,7 @@ import transformers
 
 import panovlm_flashpatch
 import varlen_stand_in
-from conftest import caps
+from conftest import TV, caps
 from panovlm_flashpatch import backends, tiny
 from panovlm_flashpatch.runtime import padding_free, varlen
 from test_padding_free import assert_same, padded_batch, run
@@ -375,3 +375,45 @@ def test_a_decoder_with_its_own_mask_code_is_not_put_on_the_kernel(ckpts, stand_
     assert "does not build its mask with create_causal_mask" in rejected[backends.SDPA_VARLEN], rejected
     model(**padded_batch("right")).loss.backward()
     assert calls == []
+
+
+# --- second adversarial run ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["composable", "own"])
+def test_checkpointing_around_the_whole_decoder(ckpts, stand_in, kind):
+    """The recompute runs the whole decoder again in the backward, outside the packed forward: it rebuilds SDPA's
+    mask, and the layers must still run what the forward ran (else torch's CheckpointError, or other gradients)."""
+    import torch.utils.checkpoint as tuc
+
+    calls = stand_in()
+    reference, model = load(ckpts("qwen3"))
+    for m in (reference, model):
+        if kind == "composable":
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(m.model)
+        else:
+            m.model.forward = (lambda *a, _f=m.model.forward, **k: tuc.checkpoint(_f, *a, use_reentrant=False, **k))
+    _assert_same_grads(_steps((reference, model), {**padded_batch("right"), "use_cache": False}))
+    assert len(calls) == 2 * model.config.num_hidden_layers
+
+
+@pytest.mark.skipif(TV < (5, 0), reason="transformers reads config.is_causal from 5.0")
+def test_a_decoder_made_bidirectional_stays_padded(ckpts, stand_in):
+    """transformers 5 runs a decoder bidirectionally with config.is_causal=False; packing keeps sequences apart with
+    causal masks only, so such a model stays padded (same logits as plain transformers)."""
+    calls = stand_in()
+    reference, model = load(ckpts("qwen3"))
+    for m in (reference, model):
+        m.config.is_causal = False
+    batch = padded_batch("right")
+    (_, want, _, _), (_, got, _, _) = run(reference, batch), run(model, batch)
+    assert torch.equal(got, want) and calls == []
+
+
+def test_a_batch_of_padding_only_runs_as_plain_transformers(ckpts, stand_in):
+    stand_in()
+    reference, model = load(ckpts("qwen3"))
+    batch = padded_batch("right", lengths=(0, 0), width=6)
+    want, got = reference(**batch).loss, model(**batch).loss
+    assert torch.isnan(want) and torch.isnan(got)

@@ -413,6 +413,10 @@ def _prepare(model, call: dict, on_varlen: bool = False):
     if call.get("logits_to_keep") or call.get("num_logits_to_keep"):
         _skip(model, "logits_to_keep", "the call asks for logits_to_keep")
         return None
+    if getattr(lm_config(model), "is_causal", True) is False:
+        _skip(model, "bidirectional", "its config says is_causal=False (bidirectional attention), and packing keeps "
+                                      "sequences apart with causal masks only")
+        return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(tokens.shape[:2]):
         _skip(model, "mask", "the attention mask is not a 2D (batch, length) padding mask (a custom 4D mask?)")
         return None
@@ -468,6 +472,8 @@ def _inspect(mask, labels, positions) -> dict:
 
 
 def _problem(info: dict, has_labels: bool, has_positions: bool) -> tuple[str, str] | None:
+    if not info["total"]:
+        return "empty", "every row is padding (no real token to pack)"
     if not info["contiguous"]:
         return "holes", "a row's attention mask has padding between real tokens"
     if has_positions and not info["positions_restart"]:
@@ -517,6 +523,8 @@ def _pack(call: dict, info: dict, backend: str, on_varlen: bool = False):
         lengths = F.pad(count.cumsum(0), (1, 0)).to(torch.int32)
         packed.update(cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=info["longest"],
                       max_length_k=info["longest"])
+    if on_varlen:
+        packed[varlen.MARKER] = True
     return Layout(batch=batch, length=length, flat_index=flat_index, total=total), packed
 
 

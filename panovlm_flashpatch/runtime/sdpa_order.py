@@ -86,9 +86,10 @@ def _tokens(args, kwargs):
 
 def _shape(args, kwargs):
     tokens = _tokens(args, kwargs)
-    if tokens is None:
-        tokens = kwargs.get("pixel_values")
-    return tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) else None
+    if isinstance(tokens, torch.Tensor):
+        return tuple(tokens.shape[:2])
+    pixels = kwargs.get("pixel_values")  # every dimension: a new resolution is a new attention shape
+    return tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else None
 
 
 @contextlib.contextmanager

@@ -39,6 +39,10 @@ import torch
 from .. import reporting
 
 KEY = "panovlm_varlen"
+#: The argument a packed call of ours carries down to every attention call (as transformers carries ``cu_seq_lens``):
+#: the layer runs the kernel whatever mask was built, so a recompute that rebuilds one (checkpointing around the
+#: whole decoder, in the backward, outside the packed forward) computes what the forward computed.
+MARKER = "panovlm_packed"
 SDPA = "sdpa"
 HALF = (torch.float16, torch.bfloat16)
 #: Device types whose tensors torch's varlen kernel takes (tests add "cpu" for their CPU stand-in kernel).
@@ -199,17 +203,20 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     """transformers' attention-function interface: ``(batch, heads, length, dim)`` in, ``(batch, length, heads, dim)``
     and no weights out."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if attention_mask is not None or cu_q is None or query.shape[0] != 1:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    ours = kwargs.pop(MARKER, False)
+    if (attention_mask is not None and not ours) or cu_q is None or query.shape[0] != 1:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+        # Whatever "sdpa" names in this process (a function someone registered over transformers' own, too).
+        return ALL_ATTENTION_FUNCTIONS[SDPA](module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, sliding_window=sliding_window, softcap=softcap, **kwargs)
     cu_k = cu_q if cu_k is None else cu_k
     max_q = kwargs.get("max_length_q") or int((cu_q[1:] - cu_q[:-1]).max())
     max_k = kwargs.get("max_length_k") or max_q
     head_dim = query.shape[-1]
     scale = scaling if scaling is not None else head_dim ** -0.5
-    causal = getattr(module, "is_causal", True)
+    causal = kwargs.get("is_causal")  # transformers 5 hands config.is_causal=False down as is_causal
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     left = sliding_window - 1 if sliding_window else -1
     q, k, v = (t.transpose(1, 2).reshape(t.shape[2], t.shape[1], head_dim) for t in (query, key, value))
     if len({q.dtype, k.dtype, v.dtype}) > 1 or q.dtype not in HALF:
