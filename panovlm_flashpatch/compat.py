@@ -177,3 +177,20 @@ def attention_code(model_class) -> AttentionCode:
             return AttentionCode("fixed", name)
         return AttentionCode("own", name)
     return AttentionCode("unknown", unreadable)
+
+
+def autocast_half_dtype(device_type: str):
+    """The half-precision dtype torch's autocast casts to on ``device_type`` now, or None (autocast off, or not half).
+
+    torch < 2.4 takes no device argument (CUDA only)."""
+    import torch
+
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        dtype = torch.get_autocast_dtype(device_type)
+    except TypeError:
+        if not torch.is_autocast_enabled():
+            return None
+        dtype = torch.get_autocast_gpu_dtype()
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None

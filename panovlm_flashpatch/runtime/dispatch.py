@@ -41,6 +41,7 @@ import threading
 
 from .. import _safety, reporting, state
 from .._wrapping import Slot
+from ..compat import autocast_half_dtype
 
 FA2 = "flash_attention_2"
 HALF = (torch.float16, torch.bfloat16)
@@ -210,7 +211,7 @@ def situation(module, armed: dict, kwargs, args=()) -> str | None:
         device = weight.device.type
         if device not in FA2_DEVICES:
             return OFF_GPU
-        if weight.is_floating_point() and weight.dtype not in HALF and not _autocast_half(device):
+        if weight.is_floating_point() and weight.dtype not in HALF and autocast_half_dtype(device) is None:
             return FP32
     if kwargs.get("output_attentions"):
         return WEIGHTS
@@ -242,14 +243,6 @@ def _probe_weight(module, path):
             pass  # the module tree changed since the load (an adapter wrapped it): use the first parameter
     return next(module.parameters(), None)
 
-
-def _autocast_half(device_type: str) -> bool:
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return False
-        return torch.get_autocast_dtype(device_type) in HALF
-    except TypeError:  # torch < 2.4: no device argument, CUDA only
-        return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() in HALF
 
 
 def _argument(module, name: str, args, kwargs):

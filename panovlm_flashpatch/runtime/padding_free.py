@@ -583,6 +583,10 @@ def attach(model, load) -> dict:
         return {}  # by default only forwards on a flash kernel are packed, and none of this load's will be
     if no_varlen is None and not varlen.register():
         no_varlen = "this transformers has no attention interface to register torch's varlen kernel with"
+    if no_varlen is None:
+        from . import portable
+
+        portable.install()  # a copy or pickle of a config on the varlen key carries "sdpa"
     status = arm(model, loss_only=mode == settings.LOSS_ONLY, auto=auto, varlen_reason=no_varlen)
     key = COMPOSITES.get(getattr(model.config, "model_type", None))  # a composite packs for its language model
     return {key: Effect(note=status.describe(), fields={"padding_free": status.describe()})}
@@ -590,6 +594,10 @@ def attach(model, load) -> dict:
 
 def varlen_reason(model, load) -> str | None:
     """Why this load's packed SDPA forwards cannot run torch's varlen kernel (None: they can)."""
+    if not passes_varlen_kwargs():
+        import transformers
+
+        return f"transformers {transformers.__version__} hands the sequence boundaries to the attention only from 4.53"
     why = varlen.machine_reason(load.caps) or varlen.model_reason(lm_config(model))
     if why:
         return why

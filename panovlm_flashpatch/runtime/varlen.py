@@ -37,6 +37,7 @@ import weakref
 import torch
 
 from .. import reporting
+from ..compat import autocast_half_dtype
 
 KEY = "panovlm_varlen"
 #: The argument a packed call of ours carries down to every attention call (as transformers carries ``cu_seq_lens``):
@@ -85,12 +86,6 @@ def machine_reason(caps) -> str | None:
 
 def model_reason(config) -> str | None:
     """None when the varlen kernel computes this language model's attention as SDPA does (static: its config)."""
-    from . import padding_free
-
-    if not padding_free.passes_varlen_kwargs():
-        import transformers
-
-        return (f"transformers {transformers.__version__} hands the sequence boundaries to the attention only from 4.53")
     if getattr(config, "attn_logit_softcapping", None):
         return "its attention soft-caps the logits, which torch's varlen kernel cannot"
     if getattr(config, "attention_dropout", 0.0):
@@ -110,7 +105,7 @@ def forward_reason(model) -> str | None:
         return "the model has no parameters"
     if weight.device.type not in DEVICES:
         return "its weights are not on a CUDA GPU"
-    if weight.dtype not in HALF and not _autocast_half(weight.device.type):
+    if weight.dtype not in HALF and autocast_half_dtype(weight.device.type) is None:
         return f"its weights are {str(weight.dtype).replace('torch.', '')} outside autocast (the kernel takes float16/bfloat16)"
     if weight.device.type == "cuda":
         if not torch.backends.cuda.flash_sdp_enabled():
@@ -125,16 +120,11 @@ def _capability(index) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
-def _autocast_half(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in HALF
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_enabled() and device_type == "cuda"
-
 
 # --- the key, registered once --------------------------------------------------------------------------------
 
-_registered = []
+#: (the attention-function and mask-function interfaces of transformers), once :func:`register` ran
+_registered: list = []
 
 
 def register() -> bool:
@@ -146,9 +136,12 @@ def register() -> bool:
         from transformers.modeling_utils import AttentionInterface
     except ImportError:
         return False
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     AttentionInterface.register(KEY, attention)
     masking_utils.AttentionMaskInterface.register(KEY, _mask)
-    _registered.append(True)
+    # Looked up by name at each call: whatever "sdpa" names then (a function someone registered over transformers').
+    _registered[:] = [ALL_ATTENTION_FUNCTIONS, masking_utils.ALL_MASK_ATTENTION_FUNCTIONS]
     return True
 
 
@@ -156,9 +149,7 @@ def _mask(*args, **kwargs):
     """Inside a packed forward of ours: no mask (the boundaries travel as ``cu_seq_lens``); else SDPA's mask."""
     if getattr(_local, "depth", 0) > 0:
         return None
-    from transformers import masking_utils
-
-    return masking_utils.ALL_MASK_ATTENTION_FUNCTIONS[SDPA](*args, **kwargs)
+    return _registered[1][SDPA](*args, **kwargs)
 
 
 def public(backend):
@@ -169,10 +160,7 @@ def public(backend):
 def engage(config) -> None:
     """Puts ``config`` (a language model's, on SDPA) on :data:`KEY` for good: until ``remove()`` (:func:`disengage`)."""
     values = config.__dict__
-    if values.get("_attn_implementation_internal") == SDPA:
-        from . import portable
-
-        portable.install()  # a copy or pickle of the config carries "sdpa"
+    if values.get("_attn_implementation_internal") == SDPA:  # portable.py, installed at arming: copies carry "sdpa"
         values["_attn_implementation_internal"] = KEY
         _engaged[id(config)] = config
 
@@ -205,11 +193,8 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     ours = kwargs.pop(MARKER, False)
     if (attention_mask is not None and not ours) or cu_q is None or query.shape[0] != 1:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        # Whatever "sdpa" names in this process (a function someone registered over transformers' own, too).
-        return ALL_ATTENTION_FUNCTIONS[SDPA](module, query, key, value, attention_mask, dropout=dropout,
-                                             scaling=scaling, sliding_window=sliding_window, softcap=softcap, **kwargs)
+        return _registered[0][SDPA](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    sliding_window=sliding_window, softcap=softcap, **kwargs)
     cu_k = cu_q if cu_k is None else cu_k
     max_q = kwargs.get("max_length_q") or int((cu_q[1:] - cu_q[:-1]).max())
     max_k = kwargs.get("max_length_k") or max_q
@@ -219,16 +204,15 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     left = sliding_window - 1 if sliding_window else -1
     q, k, v = (t.transpose(1, 2).reshape(t.shape[2], t.shape[1], head_dim) for t in (query, key, value))
-    if len({q.dtype, k.dtype, v.dtype}) > 1 or q.dtype not in HALF:
+    half = autocast_half_dtype(q.device.type)
+    if half is not None and not _one_half_dtype(q, k, v):
         # Under autocast SDPA's inputs are cast to its half dtype; torch's varlen op has no autocast rule, and a model's
         # own norms hand it float32 queries beside bfloat16 values (Qwen3's q_norm): cast as autocast would.
-        if _autocast_half(q.device.type):
-            half = torch.get_autocast_dtype(q.device.type)
-            q, k, v = q.to(half), k.to(half), v.to(half)
+        q, k, v = q.to(half), k.to(half), v.to(half)
     function = kernel()
     params = _parameters(function) if function is not None else frozenset()
     why = _kernel_gap(params, dropout if module.training else 0.0, softcap, scale, head_dim, causal, left)
-    if why is None and (len({q.dtype, k.dtype, v.dtype}) > 1 or q.dtype not in HALF):
+    if why is None and not _one_half_dtype(q, k, v):
         why = f"inputs of {q.dtype}/{k.dtype}/{v.dtype} outside autocast (the kernel takes one of float16/bfloat16)"
     if why is None:
         call = {}
@@ -256,6 +240,11 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
                            f"({why}); PANOVLM_FLASHPATCH_PADDING_FREE=0 keeps training forwards padded")
     out = _per_sequence(q, k, v, cu_q, cu_k, scale, causal, left, dropout if module.training else 0.0, softcap)
     return out.unsqueeze(0), None
+
+
+def _one_half_dtype(q, k, v) -> bool:
+    """One dtype for all three, a half-precision one: what torch's flash kernel takes."""
+    return q.dtype in HALF and q.dtype == k.dtype == v.dtype
 
 
 def _kernel_gap(params, dropout, softcap, scale, head_dim, causal, left) -> str | None:
