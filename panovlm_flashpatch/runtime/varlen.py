@@ -4,7 +4,8 @@ Why: a packed row on SDPA needs a (1, 1, T, T) block-diagonal mask to keep its s
 SDPA cannot run its flash kernel (it takes the memory-efficient one). torch ships the FlashAttention-2 kernel
 itself, callable on packed rows as ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10). Measured on the H200
 (benchmarks/attention_kernels.py, a packed row of 8 sequences, 4,340 tokens, fwd+bwd per layer): torch's varlen
-0.76 ms, flash-attn's varlen 0.61, SDPA with the block mask 1.26. So where flash-attn is missing, a padded training
+0.76 ms, flash-attn's varlen 0.61, SDPA on the same sequences padded (8 x 912) 1.26; SDPA with the block mask
+on the packed row was not timed alone. So where flash-attn is missing, a padded training
 forward packed by padding_free.py runs its attention here, and users who never manage to install flash-attn get
 the packing gain too.
 
