@@ -54,6 +54,10 @@ ARMS = {
     "fa2_pf": dict(env={}, apply={"padding_free": True, "sdpa_flash_first": False}),
     "default": dict(env={}, apply={}),  # what the plugin ships: the arm the verdict is about
     "default_no_fa": dict(env={HIDE_FLASH_ATTN: "1"}, apply={}),  # the default where flash-attn cannot load
+    # padding_free="loss_only": packed, and the loss computed from the hidden states in chunks (runtime/chunked_loss.py)
+    "pf_loss_only": dict(env={}, apply={"padding_free": "loss_only"}),
+    # the same with liger's RMSNorm, RoPE and SwiGLU kernels, and without its fused linear cross-entropy
+    "pf_loss_only_liger": dict(env={}, apply={"padding_free": "loss_only"}, liger="kernels"),
     "pf_liger": dict(env={}, apply={"padding_free": True}, liger=True),
     "pf_liger_gc": dict(env={}, apply={"padding_free": True}, liger=True, gc=True),
     "pf_gc": dict(env={}, apply={"padding_free": True}, gc=True),
@@ -144,7 +148,10 @@ def run_one(workload: str, arm: str, ckpt: str, steps: int, seed: int, tiny: boo
             from liger_kernel.transformers import apply_liger_kernel_to_qwen3
         except ImportError as exc:
             raise SystemExit(f"arm {arm} needs liger-kernel (pip install liger-kernel): {exc}")
-        apply_liger_kernel_to_qwen3()
+        if spec["liger"] == "kernels":  # the chunked loss of loss_only instead of liger's fused one
+            apply_liger_kernel_to_qwen3(fused_linear_cross_entropy=False, cross_entropy=False)
+        else:
+            apply_liger_kernel_to_qwen3()
         out["liger_kernel"] = _version("liger-kernel")
     import torch
     import transformers

@@ -30,8 +30,9 @@ def apply(keep_explicit_sdpa: bool | None = None, padding_free: bool | str | Non
     Args:
         keep_explicit_sdpa: keep a caller's explicit ``attn_implementation="sdpa"`` (``PANOVLM_FLASHPATCH_KEEP_SDPA``).
         padding_free: ``"auto"`` (the default): padded training forwards of verified causal LMs that run
-            FlashAttention-2 run packed; True: on SDPA/eager too; ``"loss_only"``: True, and outputs with a loss
-            carry no logits; False: never (``PANOVLM_FLASHPATCH_PADDING_FREE``).
+            FlashAttention-2 run packed; True: on SDPA/eager too; ``"loss_only"``: True, outputs with a loss
+            carry no logits, and their loss is computed from the hidden states in chunks (the full logits never
+            exist: runtime/chunked_loss.py); False: never (``PANOVLM_FLASHPATCH_PADDING_FREE``).
         encoders_fa2: vision/text/audio encoders may take FlashAttention-2 (``PANOVLM_FLASHPATCH_ENCODERS_FA2``).
         generate_fa2: ``generate()`` stays on FlashAttention-2 (``PANOVLM_FLASHPATCH_GENERATE_FA2``).
         fast_generate: ``generate()`` decodes on a static KV cache whose decode step transformers compiles: several

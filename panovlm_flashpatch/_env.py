@@ -40,7 +40,8 @@ VARIABLES = {
     ENCODERS_FA2: (False, False, {True: "encoders may take FlashAttention-2", False: "encoders keep SDPA"}),
     PADDING_FREE: (AUTO_VALUE, False, {
         True: "padding-free packing is on (FlashAttention-2, and SDPA/eager on transformers >= 4.53)",
-        LOSS_ONLY: "padding-free packing is on, and outputs with a loss carry no logits",
+        LOSS_ONLY: "padding-free packing is on, outputs with a loss carry no logits, and the loss is computed in "
+                   "chunks from the hidden states",
         AUTO_VALUE: "padded training forwards that run FlashAttention-2 are packed (verified model types)",
         False: "padding-free packing is off"}),
     FAST_GENERATE: (False, False, {True: "generate() decodes on a static cache with a compiled step",

@@ -56,7 +56,7 @@ class Settings:
         encoders_fa2: vision/text/audio encoders may get FlashAttention-2 (by default they keep SDPA).
         generate_fa2: ``generate()`` stays on FlashAttention-2 (by default it runs on SDPA).
         padding_free: ``"auto"`` (the default: forwards that run FlashAttention-2 are packed), True (SDPA/eager
-            too), ``"loss_only"`` (True, and outputs with a loss carry no logits) or False: padded training forwards
+            too), ``"loss_only"`` (True, outputs with a loss carry no logits, their loss computed in chunks) or False: padded training forwards
             of verified causal LMs run packed.
         fast_generate: ``generate()`` decodes on a static cache with transformers' compiled decode step.
         sdpa_flash_first: SDPA training forwards of a new shape try torch's flash kernel before cuDNN.

@@ -333,7 +333,7 @@ def test_loss_only_leaves_logits_out_of_outputs_with_a_loss(lms, monkeypatch):
     monkeypatch.setenv(settings_module.PADDING_FREE, "loss-only")
     assert panovlm_flashpatch.apply()
     packed = transformers.AutoModelForCausalLM.from_pretrained(lms["qwen"], attn_implementation="sdpa").train()
-    assert panovlm_flashpatch.report(packed)[0]["padding_free"].endswith("carry no logits (loss_only)")
+    assert "carry no logits (loss_only)" in panovlm_flashpatch.report(packed)[0]["padding_free"]
     batch = padded_batch("right")
     out = packed(**batch)
     assert out.logits is None

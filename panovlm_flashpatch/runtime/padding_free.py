@@ -44,7 +44,7 @@ import sys
 import torch
 
 from .. import _safety, reporting, state
-from . import varlen
+from . import chunked_loss, varlen
 
 FA2 = "flash_attention_2"
 SDPA = "sdpa"
@@ -102,17 +102,25 @@ class Status:
     auto: bool = False
     #: Why packed SDPA forwards cannot run torch's varlen kernel here (None: they can, and do).
     varlen: str | None = "not checked"
+    #: loss_only: why a packed loss cannot be computed in chunks from the hidden states (None: it is, chunked_loss.py).
+    chunked: str | None = "not checked"
+    #: The model's forward soft-caps its logits with ``config.final_logit_softcapping`` (Gemma 2/3): the chunks do too.
+    softcap: bool = False
 
     def describe(self) -> str:
         mode = "on" if self.active else ("armed, inactive" if self.armed else "off")
         if self.auto and self.armed:
             mode += " (default: FlashAttention-2 forwards, and SDPA ones on torch's varlen kernel)"
-        extra = "; outputs with a loss carry no logits (loss_only)" if self.armed and self.loss_only else ""
+        extra = ""
+        if self.armed and self.loss_only:
+            how = ("the loss computed from the last hidden states a chunk at a time (the full logits never exist)"
+                   if self.chunked is None else f"the loss computed by the model (not chunked: {self.chunked})")
+            extra = f"; outputs with a loss carry no logits (loss_only), {how}"
         return f"padding-free {mode}: {self.reason}{extra}"
 
     def to_state(self) -> dict:
         return {"armed": self.armed, "active": self.active, "loss_only": self.loss_only, "reason": self.reason,
-                "auto": self.auto, "varlen": self.varlen}
+                "auto": self.auto, "varlen": self.varlen, "chunked": self.chunked, "softcap": self.softcap}
 
 
 def sdpa_separates_packed() -> bool:
@@ -238,6 +246,8 @@ def arm(model, loss_only: bool = False, auto: bool = False, varlen_reason: str |
 
     ``varlen_reason``: why packed SDPA forwards cannot run torch's varlen kernel on this machine (None: they can)."""
     status = dataclasses.replace(status_for(model), loss_only=loss_only, auto=auto)
+    if loss_only and status.armed:
+        status = dataclasses.replace(status, **_chunking(model))
     backend = getattr(lm_config(model), "_attn_implementation", None)
     if varlen_reason is None and backend != SDPA:
         varlen_reason = f"the language model runs {backend}, not SDPA"
@@ -253,6 +263,12 @@ def arm(model, loss_only: bool = False, auto: bool = False, varlen_reason: str |
     if status.armed:
         state.ensure(model)["padding_free"] = status.to_state()
     return status
+
+
+def _chunking(model) -> dict:
+    """``chunked`` and ``softcap`` of a loss_only model's Status."""
+    forward, config = _defining_forward(type(model))[1], lm_config(model)
+    return {"chunked": chunked_loss.model_reason(model, forward, config), "softcap": chunked_loss.reads_softcap(forward)}
 
 
 def is_armed(model) -> bool:
@@ -320,12 +336,18 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
     if packed is None:
         return unpacked()
     layout, packed_call = packed
-    if on_varlen:
+
+    def run(arguments):
+        if not on_varlen:
+            return wrapped(**arguments)
         varlen.engage(lm_config(instance))  # for good: a layer on the key computes what its arguments ask (varlen.py)
         with varlen.packing():
-            output = wrapped(**packed_call)
+            return wrapped(**arguments)
+
+    if packing.get("loss_only") and packing.get("chunked", "not checked") is None and packed_call.get("labels") is not None:
+        output = chunked_loss.forward(instance, run, packed_call, lm_config(instance), bool(packing.get("softcap")))
     else:
-        output = wrapped(**packed_call)
+        output = run(packed_call)
     drop_logits = packing.get("loss_only") and getattr(output, "loss", None) is not None
     return _unpack_output(output, layout, _wants_dict(instance, call), drop_logits)
 
