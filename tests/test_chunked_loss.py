@@ -410,3 +410,77 @@ def test_a_label_out_of_range_fails_as_in_the_padded_run(ckpt):
     for m in (reference, model):
         with pytest.raises((IndexError, RuntimeError)):
             m(**batch).loss.backward()
+
+
+@needs_packing
+def test_torch_func_grad_runs_unchunked_as_the_padded_run(ckpt):
+    """torch.func transforms cannot run an autograd.Function without setup_context: the model's own loss there."""
+    from torch.func import functional_call, grad
+
+    reference, model = load(ckpt("qwen3"))
+    batch = padded_batch("right")
+    got = {}
+    for name, m in (("reference", reference), ("model", model)):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        got[name] = grad(lambda p, m=m: functional_call(m, p, args=(), kwargs=batch).loss)(params)
+    for name, ref in got["reference"].items():
+        assert (got["model"][name] - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1e-5), name
+
+
+@needs_packing
+def test_two_threads_training_one_model_are_both_chunked(ckpt, caplog):
+    import threading
+
+    reference, model = load(ckpt("qwen3"))
+    batch = padded_batch("right")
+    with torch.no_grad():
+        want = reference(**batch).loss
+    losses, barrier = [], threading.Barrier(2)
+
+    def train():
+        barrier.wait()
+        for _ in range(10):
+            losses.append(model(**batch).loss.detach())
+
+    with caplog.at_level(logging.INFO, logger="panovlm_flashpatch"):
+        threads = [threading.Thread(target=train) for _ in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    assert len(losses) == 20 and all(torch.allclose(loss, want, rtol=1e-5) for loss in losses)
+    assert not any("unchunked" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not model.get_output_embeddings()._forward_pre_hooks and not chunked_loss._OURS
+
+
+def test_an_ignored_rows_infinite_logits_do_not_reach_the_loss():
+    """torch's loss skips ignored rows; inf - inf times 0 would be NaN."""
+    head = torch.nn.Linear(4, 10)
+    hidden = torch.randn(1, 6, 4)
+    hidden[0, 2] = float("inf")  # its logits are +-inf (or NaN); row 2 predicts label 3, ignored
+    labels = torch.randint(0, 10, (1, 6))
+    labels[0, 3] = -100
+    want = F.cross_entropy(head(hidden)[0, :-1], labels[0, 1:], ignore_index=-100)
+    got = chunked_loss.loss(hidden, head, labels)
+    assert torch.isfinite(want) and torch.allclose(got, want)
+
+
+@needs_packing
+def test_no_autocast_context_is_entered_where_autocast_is_off(ckpt, monkeypatch):
+    """torch < 2.5 refuses an autocast context for some devices (mps) even to disable it: this machine cannot be one,
+    so a refusing ``torch.autocast`` stands in for it; outside autocast the chunked loss must not touch it."""
+    reference, model = load(ckpt("qwen3"))
+    batch = padded_batch("right")
+    expected = step(reference, batch)
+
+    real = torch.autocast
+
+    def refusing(device_type, *args, **kwargs):  # refuses the chunked loss only (transformers' own code runs as usual)
+        import sys
+
+        if sys._getframe(1).f_code.co_filename == chunked_loss.__file__:
+            raise RuntimeError(f"unsupported autocast device_type '{device_type}'")
+        return real(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(chunked_loss.torch, "autocast", refusing)
+    spies = Spies(model)
+    assert_equal(expected, step(model, batch, spies))
+    assert spies.head_tokens == [0]

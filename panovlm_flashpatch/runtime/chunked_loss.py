@@ -19,13 +19,14 @@ loss scaler's factor is applied first, as there). tests/test_chunked_loss.py che
 
 Used only where that can be shown (``model_reason`` at the load, ``call_reason`` per forward): the model's
 forward is transformers' own and calls ``self.loss_function``, which is ``ForCausalLMLoss``; the output layer is
-a plain ``nn.Linear`` that nothing else hooks, wraps or shards (accelerate's device-map hooks, FSDP, DeepSpeed
-ZeRO-3, a PEFT wrapper, a probe of the caller's keep the loss unchunked, and the log says why). Elsewhere
-``loss_only`` only drops the logits, as before.
+a plain ``nn.Linear`` that nothing else hooks, wraps or shards (accelerate's device-map hooks, an FSDP unit around
+it, DeepSpeed ZeRO-3, a PEFT wrapper, a probe of the caller's keep the loss unchunked, and the log says why), and no
+``torch.func`` transform is active. Elsewhere ``loss_only`` only drops the logits, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import threading
@@ -100,18 +101,33 @@ def _global_hooks() -> bool:
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
+def _functorch_active() -> bool:
+    """Inside ``torch.func.grad``/``vmap``/...: an autograd.Function without ``setup_context`` cannot run there."""
+    try:
+        return bool(torch._C._are_functorch_transforms_active())
+    except AttributeError:
+        return False
+
+
+#: Ids of the pre-hooks open Captures put on output layers (another thread's chunked forward of the same model).
+_OURS: set[int] = set()
+
+
 def call_reason(model) -> str | None:
     """Why this forward's loss cannot be computed in chunks (None: it can). Host-side, every forward: a loss function,
     hooks or a wrapper can be set on the model after its load."""
     why = _loss_reason(model)
     if why:
         return why
+    if _functorch_active():
+        return "it runs under a torch.func transform (grad, vmap, ...)"
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"its output layer is now {type(head).__name__} (wrapped after the load?), not a plain torch.nn.Linear"
-    if (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks
+    if (head._forward_hooks or [k for k in head._forward_pre_hooks if k not in _OURS] or head._backward_hooks
             or getattr(head, "_backward_pre_hooks", None)):
-        return "its output layer has hooks (FSDP, DeepSpeed ZeRO-3, or the caller's own), which would not see the logits"
+        return ("its output layer has hooks (an FSDP unit or DeepSpeed ZeRO-3 around it, PEFT, or the caller's own), "
+                "which would not see the logits")
     if _global_hooks():
         return "module hooks are registered for every module (torch.nn.modules.module), which would not see the logits"
     if hasattr(head, "_hf_hook") or "forward" in head.__dict__:
@@ -193,11 +209,13 @@ class Capture:
 
     def __enter__(self):
         self._handles = [self.head.register_forward_pre_hook(self._head)]
+        _OURS.add(self._handles[0].id)
         if self.decoder is not None:
             self._handles.append(self.decoder.register_forward_hook(self._decoder_done))
         return self
 
     def __exit__(self, *exc):
+        _OURS.discard(self._handles[0].id)
         for handle in self._handles:
             handle.remove()
         return False
@@ -230,7 +248,7 @@ def loss(hidden, head, labels, num_items_in_batch=None, softcap=None):
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat, weight, bias, targets, denominator, softcap, compute, device_type, rows):
-        with torch.autocast(device_type, enabled=False):
+        with _without_autocast(device_type):
             w = weight.to(compute)
             b = bias.to(compute) if bias is not None else None
             total = torch.zeros((), dtype=torch.float32, device=flat.device)
@@ -242,7 +260,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 valid = t != IGNORE_INDEX
                 # Ignored rows read column 0 and are masked out; any other bad label fails in gather, as in torch's loss.
                 picked = logits.gather(1, t.masked_fill(~valid, 0)[:, None]).squeeze(1)
-                total += ((lse[start:start + rows] - picked) * valid).sum()
+                # where, not a product: an ignored row's non-finite logits must not reach the sum (torch's loss skips it)
+                total += torch.where(valid, lse[start:start + rows] - picked, 0).sum()
                 del logits, picked
         ctx.save_for_backward(flat, weight, bias, targets, lse)
         ctx.denominator, ctx.softcap, ctx.compute, ctx.device_type, ctx.rows = (denominator, softcap, compute,
@@ -260,7 +279,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         several = flat.shape[0] > ctx.rows
-        with torch.autocast(ctx.device_type, enabled=False):
+        with _without_autocast(ctx.device_type):
             w = weight.to(ctx.compute)
             b = bias.to(ctx.compute) if bias is not None else None
             for start in range(0, flat.shape[0], ctx.rows):
@@ -297,6 +316,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             return g.to(like.dtype) if g is not None and like is not None else None
 
         return cast(grad_h, flat), cast(grad_w, weight), cast(grad_b, bias), None, None, None, None, None, None
+
+
+def _without_autocast(device_type: str):
+    """Autocast off for the explicit casts here, entered only where it is on: torch < 2.5 refuses an autocast
+    context for some devices (``mps``) even to disable it."""
+    from ..compat import autocast_half_dtype
+
+    return torch.autocast(device_type, enabled=False) if autocast_half_dtype(device_type) else contextlib.nullcontext()
 
 
 def _logits(h, w, b, softcap, inplace=True):
