@@ -484,3 +484,21 @@ def test_no_autocast_context_is_entered_where_autocast_is_off(ckpt, monkeypatch)
     spies = Spies(model)
     assert_equal(expected, step(model, batch, spies))
     assert spies.head_tokens == [0]
+
+
+@needs_packing
+def test_a_bug_in_the_chunking_check_costs_the_chunking_not_the_step(ckpt, monkeypatch):
+    from panovlm_flashpatch import _safety
+
+    reference, model = load(ckpt("qwen3"))
+
+    def broken(model):
+        raise AttributeError("a bug of ours")
+
+    monkeypatch.setattr(chunked_loss, "call_reason", broken)
+    spies = Spies(model)
+    batch = padded_batch("right")
+    assert_equal(step(reference, batch), step(model, batch, spies))
+    assert spies.rows == [1] and spies.head_tokens == [REAL_TOKENS]  # packed, unchunked
+    assert _safety.internal_errors == ["checking the chunked loss: AttributeError: a bug of ours"]
+    _safety.internal_errors.clear()  # expected here; every other test asserts there are none

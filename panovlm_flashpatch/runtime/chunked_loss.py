@@ -34,7 +34,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .. import reporting
+from .. import _safety, reporting
 
 IGNORE_INDEX = -100
 #: Float32 logits of one chunk, in bytes: 1 GiB is ~1,700 tokens of a 152k vocabulary, large enough that the
@@ -141,7 +141,11 @@ def call_reason(model) -> str | None:
 def forward(model, run, packed_call: dict, config, softcapped: bool):
     """A packed training forward with labels (padding_free.py): ``run(arguments)`` without labels, the output layer
     computing nothing; the loss from its input, chunked. ``config``: the language model's."""
-    why = call_reason(model)
+    try:
+        why = call_reason(model)
+    except Exception as exc:  # a bug of ours costs the chunking, never the step
+        _safety.absorb("checking the chunked loss", exc, "the loss was computed by the model")
+        return run(packed_call)
     if why:
         _unchunked(model, why)
         return run(packed_call)
