@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _safety, reporting
+from ..compat import autocast_half_dtype
 
 IGNORE_INDEX = -100
 #: Float32 logits of one chunk, in bytes: 1 GiB is ~1,700 tokens of a 152k vocabulary, large enough that the
@@ -241,8 +242,6 @@ def loss(hidden, head, labels, num_items_in_batch=None, softcap=None):
         denominator = (targets != IGNORE_INDEX).sum()  # a tensor: no host sync
     else:
         denominator = num_items_in_batch.to(flat.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-    from ..compat import autocast_half_dtype
-
     device_type = flat.device.type
     compute = autocast_half_dtype(device_type) or weight.dtype
     return _ChunkedCrossEntropy.apply(flat, weight, bias, targets, denominator, softcap, compute, device_type,
@@ -325,8 +324,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 def _without_autocast(device_type: str):
     """Autocast off for the explicit casts here, entered only where it is on: torch < 2.5 refuses an autocast
     context for some devices (``mps``) even to disable it."""
-    from ..compat import autocast_half_dtype
-
     return torch.autocast(device_type, enabled=False) if autocast_half_dtype(device_type) else contextlib.nullcontext()
 
 
