@@ -417,3 +417,34 @@ def test_a_batch_of_padding_only_runs_as_plain_transformers(ckpts, stand_in):
     batch = padded_batch("right", lengths=(0, 0), width=6)
     want, got = reference(**batch).loss, model(**batch).loss
     assert torch.isnan(want) and torch.isnan(got)
+
+
+def _generate_batch(model):
+    """transformers' continuous batching on two prompts, greedy: {request id: generated tokens}."""
+    config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    out = model.eval().generate_batch([[1, 2, 3], [4, 5, 6, 7]], generation_config=config)
+    model.train()
+    return {key: list(value.generated_tokens) for key, value in out.items()}
+
+
+@pytest.mark.skipif(not hasattr(transformers.GenerationMixin, "generate_batch"),
+                    reason="transformers without continuous batching")
+def test_continuous_batching_after_a_packed_step(ckpts, stand_in):
+    """A model that trained packed carries the plugin's key; transformers' continuous batching accepts only names it
+    knows ("Implementation panovlm_varlen is not supported for continuous batching"). It gets the model back on
+    "sdpa" and generates what plain transformers generates; the next packed step goes on the key again."""
+    calls = stand_in()
+    reference, model = load(ckpts("qwen3"))
+    batch = padded_batch("right")
+    run(reference, batch), run(model, batch)
+    assert model.config._attn_implementation == varlen.KEY and calls
+    want = _generate_batch(reference)
+    if not want:  # transformers 4.5x's continuous batching dies on a CPU for plain transformers too
+        pytest.skip(f"continuous batching of transformers {transformers.__version__} generates nothing on a CPU")
+    assert _generate_batch(model) == want
+    assert model.config._attn_implementation == "sdpa"
+    calls.clear()
+    assert_same(run(reference, batch), run(model, batch), batch)
+    assert len(calls) == model.config.num_hidden_layers and model.config._attn_implementation == varlen.KEY
+    panovlm_flashpatch.remove()
+    assert _generate_batch(model) == want  # the wrapper is gone with the rest, the model back on "sdpa"
