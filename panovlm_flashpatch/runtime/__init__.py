@@ -19,7 +19,9 @@ The per-phase choice these features carry out is stated in one place, backends.p
 each component's ``by_phase`` record field once the features are armed.
 
 (ranks.py compares the finished records across ranks; it runs after the records exist, see patch.py. fused.py
-reports fused kernels others put in the model, liger-kernel's; it arms nothing.)
+reports fused kernels others put in the model, liger-kernel's; it arms nothing. readers.py hands an armed model
+back to "sdpa" where transformers code accepts only backend names it knows: continuous batching, context
+parallelism.)
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ _PER_FORWARD = ("dispatch", "padding_free", "sdpa_order")
 def attach(model, load: Load) -> dict[str | None, list[Effect]]:
     """Arms ``model`` with every feature that applies; a feature that fails is skipped, the load is kept."""
     from .. import state
-    from . import dispatch, forward, generate, portable
+    from . import dispatch, forward, generate, portable, readers
 
     effects: dict[str | None, list[Effect]] = {}
     for name, feature in _features():
@@ -102,6 +104,8 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
         dispatch.install()  # its set_attn_implementation wrapper: a backend the user sets turns the SDPA order off
     if state.live(top) and (top.get("switches") or "generate" in top):
         generate.install()
+    if any(state.live(state.of(m)) for m in model.modules()):
+        readers.install()  # code that accepts only backend names it knows gets the model on "sdpa" first
     return effects
 
 
@@ -178,8 +182,9 @@ def _spec_of(model, key: str):
 
 def uninstall() -> None:
     """Puts back every class attribute the features wrapped; armed models then run as plain transformers."""
-    from . import dispatch, fast_generate, forward, generate, portable, save, varlen
+    from . import dispatch, fast_generate, forward, generate, portable, readers, save, varlen
 
+    readers.uninstall()
     varlen.disengage()
     fast_generate.uninstall()
     forward.uninstall()

@@ -12,9 +12,9 @@ the packing gain too.
 How: :func:`attention` is registered with transformers' ``AttentionInterface`` under :data:`KEY` (a new key: no
 model the plugin did not arm ever names it). At its first packed forward padding_free.py puts the language model's
 config on the key (:func:`engage`) and hands the sequence boundaries over as transformers' ``cu_seq_lens_*`` /
-``max_length_*`` arguments, which reach every attention call. The key stays until ``remove()``, or until
-transformers' continuous batching takes the model (it accepts only names it knows: :func:`release`): it behaves as
-SDPA exactly outside a packed forward of ours. Its mask function builds SDPA's mask unless this thread is inside a packed
+``max_length_*`` arguments, which reach every attention call. The key stays until ``remove()``, or until code
+that accepts only the names it knows takes the model (readers.py: continuous batching): it behaves as SDPA
+exactly outside a packed forward of ours. Its mask function builds SDPA's mask unless this thread is inside a packed
 forward (:func:`packing`), and its attention function hands any call that carries a mask or no boundaries to SDPA's.
 So what a layer computes depends only on its own arguments: the recompute of gradient checkpointing (any kind, run
 in the backward after the forward returned, after other forwards of the model perhaps) gets the forward's arguments
@@ -38,8 +38,7 @@ import weakref
 
 import torch
 
-from .. import _safety, reporting
-from .._wrapping import Slot
+from .. import reporting
 from ..compat import autocast_half_dtype
 
 KEY = "panovlm_varlen"
@@ -133,7 +132,6 @@ _registered: list = []
 def register() -> bool:
     """Registers :data:`KEY` with transformers' attention and mask interfaces (idempotent); False where it cannot."""
     if _registered:
-        _install_readers()  # again after a remove(): the registration outlives it, the wrappers do not
         return True
     try:
         from transformers import masking_utils
@@ -146,7 +144,6 @@ def register() -> bool:
     masking_utils.AttentionMaskInterface.register(KEY, _mask)
     # Looked up by name at each call: whatever "sdpa" names then (a function someone registered over transformers').
     _registered[:] = [ALL_ATTENTION_FUNCTIONS, masking_utils.ALL_MASK_ATTENTION_FUNCTIONS]
-    _install_readers()
     return True
 
 
@@ -172,8 +169,8 @@ def engage(config) -> None:
 
 def release(model) -> bool:
     """Puts every config of ``model`` that is on :data:`KEY` back on SDPA (True if one was); its next packed training
-    forward puts it on the key again. For code that requires the name "sdpa" (:func:`_before_continuous_batching`):
-    outside a packed forward and its backward the key computes what SDPA computes, so only the name changes."""
+    forward puts it on the key again. For code that requires the name "sdpa" (readers.py): outside a packed forward
+    and its backward the key computes what SDPA computes, so only the name changes."""
     released = False
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -185,41 +182,8 @@ def release(model) -> bool:
     return released
 
 
-def _before_continuous_batching(wrapped, instance, args, kwargs):
-    """transformers' continuous batching (``generate_batch``, ``init_continuous_batching``) refuses a backend name it
-    does not know ("Implementation panovlm_varlen is not supported for continuous batching"), which a model that
-    trained packed here carries: it gets the model with its configs back on "sdpa", as plain transformers would."""
-    try:
-        if release(instance):
-            reporting.log_once("varlen-released:continuous-batching", logging.INFO,
-                               "padding-free: continuous batching needs the backend name 'sdpa': the language "
-                               f"model's config goes back from the plugin's key ({KEY}) to 'sdpa' (the next packed "
-                               "training forward puts it on the key again)")
-    except Exception as exc:
-        _safety.absorb("continuous batching", exc, "the model went to continuous batching as it was")
-    return wrapped(*args, **kwargs)
-
-
-#: Code of transformers that reads the backend's name and accepts only the names it knows; each entry point gets
-#: the model back on "sdpa" first. (Trainer's context parallelism also requires "sdpa": packing does not compose with
-#: sharded sequences anyway, README says to train with padding-free off there.)
-_READERS = (Slot("transformers.generation.continuous_batching.continuous_api", "ContinuousMixin",
-                 "init_continuous_batching", _before_continuous_batching,
-                 "_self_panovlm_flashpatch_continuous_batching"),)
-
-
-def _install_readers() -> None:
-    for slot in _READERS:
-        try:
-            slot.install()
-        except (ImportError, AttributeError):  # a transformers without continuous batching (4.46-4.53)
-            pass
-
-
 def disengage() -> None:
     """``remove()``: every config still on the key goes back to SDPA (the models then run as plain transformers)."""
-    for slot in _READERS:
-        slot.uninstall()
     for config in list(_engaged.values()):
         values = config.__dict__
         if values.get("_attn_implementation_internal") == KEY:
