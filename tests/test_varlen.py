@@ -448,3 +448,63 @@ def test_continuous_batching_after_a_packed_step(ckpts, stand_in):
     assert len(calls) == model.config.num_hidden_layers and model.config._attn_implementation == varlen.KEY
     panovlm_flashpatch.remove()
     assert _generate_batch(model) == want  # the wrapper is gone with the rest, the model back on "sdpa"
+
+
+@pytest.mark.skipif(not hasattr(transformers.GenerationMixin, "generate_batch"),
+                    reason="transformers without continuous batching")
+def test_continuous_batching_inside_a_packed_step_keeps_the_key(ckpts, stand_in, caplog):
+    """Between a checkpointed packed forward and its backward (or while a packed forward runs in another thread) the
+    recompute still needs the key: the model keeps it, continuous batching refuses it loudly, and the gradients stay
+    plain transformers' (releasing it there made the reentrant recompute attend across sequences, silently)."""
+    import logging
+    import threading
+
+    stand_in()
+    reference, model = load(ckpts("qwen3"))
+    for m in (reference, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    batch = padded_batch("right")
+    seen = []
+
+    def look_from_another_thread(*_):
+        if not seen:
+            other = threading.Thread(target=lambda: seen.append(varlen.busy(model)))
+            other.start()
+            other.join()
+
+    hook = model.model.layers[1].register_forward_pre_hook(look_from_another_thread)
+    expected = run(reference, batch)
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    hook.remove()
+    assert seen == [True], "a packed forward running in one thread is not seen as busy from another"
+    with caplog.at_level(logging.WARNING, logger="panovlm_flashpatch"):
+        if transformers.__version__ >= "5":
+            with pytest.raises(ValueError, match="not supported for continuous batching"):
+                _generate_batch(model)
+            assert "inside a packed training step" in caplog.text and "PADDING_FREE=0" in caplog.text
+    assert model.config._attn_implementation == varlen.KEY
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected[3].keys()
+    for name, grad in expected[3].items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
+    assert not varlen.busy(model)  # the backward has ended: continuous batching may take it now
+    want = _generate_batch(reference)
+    if want:
+        assert _generate_batch(model) == want
+
+
+@pytest.mark.skipif(not hasattr(transformers.GenerationMixin, "generate_batch") or transformers.__version__ < "5",
+                    reason="transformers 5's continuous batching (it checks the name in its manager)")
+def test_a_subclass_building_its_own_manager_gets_sdpa_too(ckpts, stand_in, tmp_path):
+    from transformers.generation.continuous_batching import continuous_api
+
+    stand_in()
+    reference, model = load(ckpts("qwen3"))
+    run(model, padded_batch("right"))
+    assert model.config._attn_implementation == varlen.KEY
+    manager = continuous_api.ContinuousBatchingManager.__new__(continuous_api.ContinuousBatchingManager)
+    manager._original_attn_impl = None
+    manager.switch_to_cb_friendly_attn(model, False)  # what a subclass's own init_continuous_batching reaches
+    assert model.config._attn_implementation == "sdpa"

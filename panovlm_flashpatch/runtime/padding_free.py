@@ -346,7 +346,7 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
         if not on_varlen:
             return wrapped(**arguments)
         varlen.engage(lm_config(instance))  # for good: a layer on the key computes what its arguments ask (varlen.py)
-        with varlen.packing():
+        with varlen.packing(lm_config(instance)):
             return wrapped(**arguments)
 
     if packing.get("loss_only") and packing.get("chunked", "not checked") is None and packed_call.get("labels") is not None:
@@ -354,7 +354,18 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
     else:
         output = run(packed_call)
     drop_logits = packing.get("loss_only") and getattr(output, "loss", None) is not None
-    return _unpack_output(output, layout, _wants_dict(instance, call), drop_logits)
+    result = _unpack_output(output, layout, _wants_dict(instance, call), drop_logits)
+    if on_varlen:  # its backward must find the key (readers.py waits for it)
+        varlen.until_backward(lm_config(instance), _first_tensor(result))
+    return result
+
+
+def _first_tensor(output):
+    """What the caller runs the backward from: the loss, else the logits (a tuple: its first entry)."""
+    if isinstance(output, tuple):
+        return output[0] if output else None
+    loss = getattr(output, "loss", None)
+    return loss if loss is not None else getattr(output, "logits", None)
 
 
 def _runs_varlen(model, packing: dict) -> bool:

@@ -29,15 +29,39 @@ SDPA = "sdpa"
 
 
 def _before_continuous_batching(wrapped, instance, args, kwargs):
+    """``model.init_continuous_batching(...)``."""
+    _hand_to_continuous_batching(instance)
+    return wrapped(*args, **kwargs)
+
+
+def _before_cb_name_check(wrapped, instance, args, kwargs):
+    """``ContinuousBatchingManager.switch_to_cb_friendly_attn(self, model, ...)``: where transformers 5 reads the name."""
+    _hand_to_continuous_batching(args[0] if args else kwargs.get("model"))
+    return wrapped(*args, **kwargs)
+
+
+def _hand_to_continuous_batching(model) -> None:
     try:
-        if varlen.release(instance):
-            reporting.log_once("readers:continuous-batching", logging.INFO,
-                               "padding-free: continuous batching needs the backend name 'sdpa': the language "
-                               f"model's config goes back from the plugin's key ({varlen.KEY}) to 'sdpa' (the next "
-                               "packed training forward puts it on the key again)")
+        if hasattr(model, "modules"):
+            _release_for("continuous batching", model)
     except Exception as exc:
         _safety.absorb("continuous batching", exc, "the model went to continuous batching as it was")
-    return wrapped(*args, **kwargs)
+
+
+def _release_for(what: str, model) -> None:
+    """Hands ``model`` back from the varlen key to "sdpa" for ``what``, or says why it cannot (a step in flight)."""
+    if varlen.busy(model):
+        reporting.log_once(f"readers:busy:{what}", logging.WARNING,
+                           f"{what} needs the backend name 'sdpa', and {type(model).__name__} is inside a packed "
+                           "training step (a forward running in another thread, or one whose backward has not run: "
+                           f"its recompute needs the plugin's key, {varlen.KEY}), so it keeps the key and {what} "
+                           "refuses it. Start it after the step's backward, or train with "
+                           "PANOVLM_FLASHPATCH_PADDING_FREE=0.")
+    elif varlen.release(model):
+        reporting.log_once(f"readers:released:{what}", logging.INFO,
+                           f"padding-free: {what} needs the backend name 'sdpa': the language model's config goes "
+                           f"back from the plugin's key ({varlen.KEY}) to 'sdpa' (the next packed training forward "
+                           "puts it on the key again)")
 
 
 def _context_parallel(trainer) -> bool:
@@ -51,19 +75,19 @@ def hand_back_to_sdpa(model) -> str | None:
     """Puts a model the plugin armed on SDPA for good, packing off; returns what it was on, or None if untouched."""
     from . import dispatch
 
-    varlen.release(model)
+    was = model.config._attn_implementation
+    _release_for("context parallelism", model)
     switched = [armed for _, armed in dispatch._armed_modules(model)
                 if not armed["spec"].get("user") and armed["spec"]["fallback"] == SDPA]
     st = state.of(model)
     packs = state.live(st) and (st.get("padding_free") or {}).get("armed")
     if not switched and not packs:
         return None
-    was = model.config._attn_implementation
     if packs:
         st["padding_free"] = {**st["padding_free"], "armed": False, "active": False,
                               "reason": "off since context parallelism took the model (it shards sequences)"}
-    if switched and was != SDPA:
-        model.set_attn_implementation(SDPA)  # through dispatch's wrapper: the caller's choice from now on
+    if switched:  # through dispatch's wrapper: the caller's choice from now on (the switch stands aside)
+        model.set_attn_implementation(SDPA)
     return was
 
 
@@ -82,9 +106,13 @@ def _before_context_parallel(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
+_CB = "transformers.generation.continuous_batching.continuous_api"
 _SLOTS = (
-    Slot("transformers.generation.continuous_batching.continuous_api", "ContinuousMixin", "init_continuous_batching",
-         _before_continuous_batching, "_self_panovlm_flashpatch_continuous_batching"),
+    Slot(_CB, "ContinuousMixin", "init_continuous_batching", _before_continuous_batching,
+         "_self_panovlm_flashpatch_continuous_batching"),
+    # where the name is checked (transformers 5): also reached by a subclass's own init_continuous_batching
+    Slot(_CB, "ContinuousBatchingManager", "switch_to_cb_friendly_attn", _before_cb_name_check,
+         "_self_panovlm_flashpatch_cb_name_check"),
     Slot("transformers.trainer", "Trainer", "_prepare_context_parallel_inputs", _before_context_parallel,
          "_self_panovlm_flashpatch_context_parallel"),
 )

@@ -167,16 +167,32 @@ def engage(config) -> None:
         _engaged[id(config)] = config
 
 
-def release(model) -> bool:
-    """Puts every config of ``model`` that is on :data:`KEY` back on SDPA (True if one was); its next packed training
-    forward puts it on the key again. For code that requires the name "sdpa" (readers.py): outside a packed forward
-    and its backward the key computes what SDPA computes, so only the name changes."""
-    released = False
+def _configs_on_key(model):
     for module in model.modules():
         config = getattr(module, "config", None)
         values = getattr(config, "__dict__", None)
         if isinstance(values, dict) and values.get("_attn_implementation_internal") == KEY:
-            values["_attn_implementation_internal"] = SDPA
+            yield config
+
+
+def busy(model) -> bool:
+    """A packed step of ``model`` is in flight: a packed forward running (in any thread), or one whose backward has
+    not finished (gradient checkpointing recomputes its layers there, and they must find the key)."""
+    with _busy_lock:
+        return any(_busy.get(id(config)) for config in _configs_on_key(model))
+
+
+def release(model) -> bool:
+    """Puts every config of ``model`` that is on :data:`KEY` back on SDPA (True if one was), unless a packed step is in
+    flight (:func:`busy`: then nothing, and False); its next packed training forward puts it on the key again. For
+    code that requires the name "sdpa" (readers.py): outside a packed step the key computes what SDPA computes, so
+    only the name changes."""
+    released = False
+    with _busy_lock:
+        for config in list(_configs_on_key(model)):
+            if _busy.get(id(config)):
+                continue
+            config.__dict__["_attn_implementation_internal"] = SDPA
             _engaged.pop(id(config), None)
             released = True
     return released
@@ -192,13 +208,59 @@ def disengage() -> None:
 
 
 @contextlib.contextmanager
-def packing():
-    """This thread is inside a packed forward: the key's mask function builds no mask."""
+def packing(config=None):
+    """This thread is inside a packed forward (the key's mask function builds no mask); ``config``'s step is in
+    flight meanwhile (:func:`busy`)."""
     _local.depth = getattr(_local, "depth", 0) + 1
+    if config is not None:
+        _hold(id(config))
     try:
         yield
     finally:
         _local.depth -= 1
+        if config is not None:
+            _free(id(config))
+
+
+def until_backward(config, tensor) -> None:
+    """Keeps ``config``'s step in flight until the backward through ``tensor`` has finished (the end of that autograd
+    pass, where checkpointing's last recompute is done), or until ``tensor`` is gone (no backward can come)."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+        return
+    key, done = id(config), []
+
+    def free():
+        if not done:
+            done.append(True)
+            _free(key)
+
+    def at_backward(grad):
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(free)  # runs when this backward pass ends
+        except RuntimeError:  # not inside an autograd pass (a hook called by hand)
+            free()
+
+    _hold(key)
+    tensor.register_hook(at_backward)
+    weakref.finalize(tensor, free)
+
+
+_busy: dict[int, int] = {}  # id(config) -> packed steps in flight (see busy())
+_busy_lock = threading.Lock()
+
+
+def _hold(key: int) -> None:
+    with _busy_lock:
+        _busy[key] = _busy.get(key, 0) + 1
+
+
+def _free(key: int) -> None:
+    with _busy_lock:
+        left = _busy.get(key, 0) - 1
+        if left > 0:
+            _busy[key] = left
+        else:
+            _busy.pop(key, None)
 
 
 # --- the attention function ----------------------------------------------------------------------------------
