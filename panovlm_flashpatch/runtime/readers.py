@@ -10,7 +10,9 @@ that ran without the plugin must not fail with it:
   FlashAttention-2 (``ValueError: Context parallelism is supported only with SDPA attention``) before the first step.
 
 How: each entry point is wrapped (once, while the plugin is applied), and hands the model back first: the varlen key
-goes back to "sdpa" (varlen.release: outside a packed forward it computes what SDPA computes), and for context
+goes back to "sdpa" (varlen.release: outside a packed step it computes what SDPA computes; while one is in flight,
+a forward in another thread or one whose backward has not ended, its recompute needs the key, so the model keeps it
+and the refusal stands, with a warning that says when to call instead), and for context
 parallelism a model the plugin put on FlashAttention-2 goes to SDPA for good, as if its caller had chosen it
 (``set_attn_implementation``), with packing off (context parallelism shards each sequence across GPUs; a packed row's
 boundaries would not survive that). A backend the caller chose is left alone: the error is then transformers' own.
