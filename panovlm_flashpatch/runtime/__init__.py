@@ -79,8 +79,10 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
             continue
         for key, effect in found.items():
             effects.setdefault(key, []).append(effect)
+    armed_any = False
     for module in model.modules():
         st = state.of(module)
+        armed_any = armed_any or state.live(st)
         if state.live(st) and any(k in st for k in _PER_FORWARD):
             forward.ensure(type(module))
     try:
@@ -104,7 +106,7 @@ def attach(model, load: Load) -> dict[str | None, list[Effect]]:
         dispatch.install()  # its set_attn_implementation wrapper: a backend the user sets turns the SDPA order off
     if state.live(top) and (top.get("switches") or "generate" in top):
         generate.install()
-    if any(state.live(state.of(m)) for m in model.modules()):
+    if armed_any:
         readers.install()  # code that accepts only backend names it knows gets the model on "sdpa" first
     return effects
 

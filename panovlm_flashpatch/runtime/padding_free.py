@@ -342,21 +342,23 @@ def forward(wrapped, instance, args, kwargs, packing: dict):
         return unpacked()
     layout, packed_call = packed
 
+    config = lm_config(instance)
+
     def run(arguments):
         if not on_varlen:
             return wrapped(**arguments)
-        varlen.engage(lm_config(instance))  # for good: a layer on the key computes what its arguments ask (varlen.py)
-        with varlen.packing(lm_config(instance)):
+        varlen.engage(config)  # for good: a layer on the key computes what its arguments ask (varlen.py)
+        with varlen.packing(config):
             return wrapped(**arguments)
 
     if packing.get("loss_only") and packing.get("chunked", "not checked") is None and packed_call.get("labels") is not None:
-        output = chunked_loss.forward(instance, run, packed_call, lm_config(instance), bool(packing.get("softcap")))
+        output = chunked_loss.forward(instance, run, packed_call, config, bool(packing.get("softcap")))
     else:
         output = run(packed_call)
     drop_logits = packing.get("loss_only") and getattr(output, "loss", None) is not None
     result = _unpack_output(output, layout, _wants_dict(instance, call), drop_logits)
     if on_varlen:  # its backward must find the key (readers.py waits for it)
-        varlen.until_backward(lm_config(instance), _first_tensor(result))
+        varlen.until_backward(config, _first_tensor(result))
     return result
 
 
