@@ -375,6 +375,7 @@ def markdown(runs: list[dict], table: dict) -> str:
                        f" | {_fmt(r['peak_gib'], '.2f')} | {_fmt(r['peak_vs_plain'], '.2f')} | {_fmt(r['median_step_s'], '.4f')}"
                        f" | {_fmt(r['syncs_per_step'], 'g')} | {r['backend']} |")
         out += ["", verdict(entry), ""]
+        out += paired(ok, workload)
     for status in ("failed", "skipped"):
         bad = [r for r in runs if r.get("status") == status]
         if bad:
@@ -383,6 +384,25 @@ def markdown(runs: list[dict], table: dict) -> str:
                     + " / ".join(r.get("stderr_tail", [])[-3:])) for r in bad]
             out.append("")
     return "\n".join(out)
+
+
+def paired(ok: list[dict], workload: str) -> list[str]:
+    """``default`` against each other plugin arm run by run: one seed is one sequence of batches, so the two runs of a
+    seed did the same steps, and their ratio per window shows how far two runs move apart by the machine alone (the
+    sign flipping from seed to seed is drift, not a cost of either arm)."""
+    mine = {(r["arm"], r["seed"]): r for r in ok if r["workload"] == workload}
+    others = [a for a in dict.fromkeys(arm for arm, _ in mine) if a not in ("default", "plain")]
+    lines = []
+    for arm in others:
+        seeds = [s for a, s in mine if a == "default" and (arm, s) in mine]
+        for seed in seeds:
+            ours, theirs = mine[("default", seed)]["tok_s"], mine[(arm, seed)]["tok_s"]
+            ratios = [ours[k] / theirs[k] if ours[k] and theirs[k] else None for k in (*PHASES, "overall")]
+            lines.append(f"| {arm} | {seed} | " + " | ".join(_fmt(v, ".3f") for v in ratios) + " |")
+    if not lines:
+        return []
+    return ["Run by run (the same seed: the same batches), `default` ÷ the arm:", "",
+            "| arm | seed | warm-up | middle | steady | overall |", "|---|---|---|---|---|---|", *lines, ""]
 
 
 def chart(runs: list[dict], table: dict, path: str) -> str | None:

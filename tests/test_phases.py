@@ -100,8 +100,9 @@ def _census(options, path, batch):
 def test_the_default_does_the_device_work_of_fa2_with_packing(emulated, ckpts):
     """benchmarks/workloads.py's ``default`` arm against ``fa2_pf`` (padding_free=True, sdpa_flash_first=False): at
     batch > 1 the default's extra features (the SDPA order, batch-1 routing, auto packing) add no op, no sync and
-    no copy to a training step, so their throughputs differ by the machine's noise only (one H200 call measured
-    0.92x at batch 16, another 1.09x at batch 8: benchmarks/results/workloads/session4)."""
+    no copy to a training step, so their throughputs differ by the machine's noise only (ten same-batch pairs on
+    the H200 ran 0.92x to 1.19x of each other per window, 0.99x in the steady state on geometric mean:
+    benchmarks/results/workloads/session5)."""
     batch = padded_batch("right")
     rows, default = _census({}, ckpts["lm"], batch)
     assert rows == [1], "the default did not pack"
