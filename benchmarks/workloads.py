@@ -390,13 +390,13 @@ def paired(ok: list[dict], workload: str) -> list[str]:
     """``default`` against each other plugin arm run by run: one seed is one sequence of batches, so the two runs of a
     seed did the same steps, and their ratio per window shows how far two runs move apart by the machine alone (the
     sign flipping from seed to seed is drift, not a cost of either arm)."""
-    mine = {(r["arm"], r["seed"]): r for r in ok if r["workload"] == workload}
-    others = [a for a in dict.fromkeys(arm for arm, _ in mine) if a not in ("default", "plain")]
+    # Keyed by the command as well: only runs of one device call are compared (calls differ by up to 30%).
+    mine = {(r["arm"], r["seed"], " ".join(r.get("argv", ()))): r for r in ok if r["workload"] == workload}
+    others = [a for a in dict.fromkeys(arm for arm, _, _ in mine) if a not in ("default", "plain")]
     lines = []
     for arm in others:
-        seeds = [s for a, s in mine if a == "default" and (arm, s) in mine]
-        for seed in seeds:
-            ours, theirs = mine[("default", seed)]["tok_s"], mine[(arm, seed)]["tok_s"]
+        for seed, call in [(s, c) for a, s, c in mine if a == "default" and (arm, s, c) in mine]:
+            ours, theirs = mine[("default", seed, call)]["tok_s"], mine[(arm, seed, call)]["tok_s"]
             ratios = [ours[k] / theirs[k] if ours[k] and theirs[k] else None for k in (*PHASES, "overall")]
             lines.append(f"| {arm} | {seed} | " + " | ".join(_fmt(v, ".3f") for v in ratios) + " |")
     if not lines:
