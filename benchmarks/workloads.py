@@ -388,8 +388,9 @@ def markdown(runs: list[dict], table: dict) -> str:
 
 def paired(ok: list[dict], workload: str) -> list[str]:
     """``default`` against each other plugin arm run by run: one seed is one sequence of batches, so the two runs of a
-    seed did the same steps, and their ratio per window shows how far two runs move apart by the machine alone (the
-    sign flipping from seed to seed is drift, not a cost of either arm)."""
+    seed did the same steps. For an arm that does the default's device work (``fa2_pf`` at batch > 1) the ratio per
+    window is how far two runs move apart by the machine alone; for any other arm it is that spread plus the real
+    difference."""
     # Keyed by the command as well: only runs of one device call are compared (calls differ by up to 30%).
     mine = {(r["arm"], r["seed"], " ".join(r.get("argv", ()))): r for r in ok if r["workload"] == workload}
     others = [a for a in dict.fromkeys(arm for arm, _, _ in mine) if a not in ("default", "plain")]
